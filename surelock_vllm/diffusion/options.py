@@ -1,0 +1,150 @@
+"""Per-request diffusion options: parsing, defaults and validation.
+
+Options arrive as a flat dict (`SamplingParams.extra_args` offline,
+`vllm_xargs` on the OpenAI server). Server-wide defaults come from
+`--additional-config '{"surelock": {...}}'`. Every error names the option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+REMASKING_CHOICES = ("low_confidence", "random")
+
+#: Keys a request may set, with their meaning (used in docs and errors).
+OPTION_HELP = {
+    "gen_length": "number of generated positions in the canvas (default: max_tokens)",
+    "steps": "denoising steps over the whole generation (default: gen_length)",
+    "block_length": "positions per semi-autoregressive block (default: 32, or gen_length when 32 does not divide it)",
+    "remasking": "which masked positions to unmask each step: low_confidence or random",
+}
+
+
+class InvalidDiffusionOption(ValueError):
+    """A request's diffusion option is invalid; `option` names it."""
+
+    def __init__(self, option: str, message: str):
+        self.option = option
+        super().__init__(f"invalid diffusion option '{option}': {message}")
+
+
+@dataclass(frozen=True)
+class DiffusionDefaults:
+    """Server-wide defaults (`--additional-config '{"surelock": {...}}'`)."""
+
+    block_length: int = 32
+    remasking: str = "low_confidence"
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> "DiffusionDefaults":
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        mine = {k: v for k, v in values.items() if k in known}
+        defaults = cls(**mine)
+        # Validate the defaults with the same rules a request gets.
+        _check_positive_int("block_length", defaults.block_length)
+        _check_remasking(defaults.remasking)
+        return defaults
+
+
+@dataclass(frozen=True)
+class DiffusionOptions:
+    gen_length: int
+    steps: int
+    block_length: int
+    remasking: str = "low_confidence"
+    temperature: float = 0.0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def resolve(
+        cls,
+        extra_args: Mapping[str, Any] | None,
+        *,
+        max_tokens: int | None,
+        temperature: float,
+        defaults: DiffusionDefaults = DiffusionDefaults(),
+        ignore_keys: frozenset[str] = frozenset(),
+    ) -> "DiffusionOptions":
+        """Options of one request, validated; raises InvalidDiffusionOption.
+
+        `ignore_keys` are extra_args keys that belong to other features (e.g.
+        SureLock's) and are validated there.
+        """
+        args = dict(extra_args or {})
+        unknown = set(args) - set(OPTION_HELP) - set(ignore_keys)
+        if unknown:
+            name = sorted(unknown)[0]
+            raise InvalidDiffusionOption(
+                name, f"unknown option; known options: {sorted(OPTION_HELP)}"
+            )
+
+        gen_length = args.get("gen_length", max_tokens)
+        if gen_length is None:
+            raise InvalidDiffusionOption(
+                "gen_length", "set gen_length or max_tokens"
+            )
+        _check_positive_int("gen_length", gen_length)
+
+        if "block_length" in args:
+            block_length = args["block_length"]
+            _check_positive_int("block_length", block_length)
+        elif gen_length % defaults.block_length == 0:
+            block_length = defaults.block_length
+        else:
+            block_length = gen_length
+        if gen_length % block_length != 0:
+            raise InvalidDiffusionOption(
+                "block_length",
+                f"block_length={block_length} must divide gen_length={gen_length}",
+            )
+        num_blocks = gen_length // block_length
+
+        steps = args.get("steps", gen_length)
+        _check_positive_int("steps", steps)
+        if steps < num_blocks:
+            raise InvalidDiffusionOption(
+                "steps",
+                f"steps={steps} is fewer than the {num_blocks} blocks "
+                f"(gen_length={gen_length} / block_length={block_length})",
+            )
+        if steps % num_blocks != 0:
+            raise InvalidDiffusionOption(
+                "steps",
+                f"steps={steps} must be a multiple of the number of blocks "
+                f"({num_blocks}) so that every block gets the same number of steps",
+            )
+        remasking = args.get("remasking", defaults.remasking)
+        _check_remasking(remasking)
+        if temperature < 0:
+            raise InvalidDiffusionOption("temperature", "must be >= 0")
+        return cls(
+            gen_length=gen_length,
+            steps=steps,
+            block_length=block_length,
+            remasking=remasking,
+            temperature=float(temperature),
+        )
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidDiffusionOption(name, f"must be a positive integer, got {value!r}")
+
+
+def _check_remasking(value: Any) -> None:
+    if value not in REMASKING_CHOICES:
+        raise InvalidDiffusionOption(
+            "remasking", f"{value!r} is not one of {list(REMASKING_CHOICES)}"
+        )

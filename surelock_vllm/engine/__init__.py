@@ -1,0 +1,1 @@
+"""vLLM glue: the diffusion scheduler, runner and workers."""

@@ -1,0 +1,57 @@
+"""Resolve one vLLM request's diffusion options (engine side).
+
+The scheduler calls `resolve_request` once per request when it arrives. The
+result travels to the workers inside the request's own SamplingParams
+(`extra_args[RESOLVED_KEY]`), so every tensor-parallel rank denoises with the
+same options and the same seed.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from surelock_vllm.diffusion.options import (
+    DiffusionDefaults,
+    DiffusionOptions,
+    InvalidDiffusionOption,
+)
+
+RESOLVED_KEY = "_surelock_resolved"
+
+
+def resolve_request(
+    sampling_params,
+    prompt_len: int,
+    *,
+    max_model_len: int,
+    max_rows_per_step: int,
+    defaults: DiffusionDefaults,
+) -> dict[str, Any]:
+    """Validated options and seed; raises InvalidDiffusionOption naming the option."""
+    extra = dict(sampling_params.extra_args or {})
+    extra.pop(RESOLVED_KEY, None)
+    options = DiffusionOptions.resolve(
+        extra,
+        max_tokens=sampling_params.max_tokens,
+        temperature=sampling_params.temperature,
+        defaults=defaults,
+    )
+    canvas_len = prompt_len + options.gen_length
+    gen_key = "gen_length" if "gen_length" in extra else "max_tokens"
+    if canvas_len > max_model_len:
+        raise InvalidDiffusionOption(
+            gen_key,
+            f"prompt ({prompt_len} tokens) + gen_length ({options.gen_length}) "
+            f"= {canvas_len} exceeds the model's context length {max_model_len}",
+        )
+    if canvas_len > max_rows_per_step:
+        raise InvalidDiffusionOption(
+            gen_key,
+            f"the canvas (prompt {prompt_len} + gen_length {options.gen_length} "
+            f"= {canvas_len} rows) exceeds max_num_batched_tokens={max_rows_per_step}",
+        )
+    seed = sampling_params.seed
+    if seed is None:
+        seed = random.getrandbits(63)
+    return {"options": options.as_dict(), "seed": int(seed)}

@@ -1,0 +1,97 @@
+"""The row layout of one diffusion step, in plain torch (no vLLM import).
+
+A step computes, for each scheduled request, a list of canvas rows (query
+positions). Their K/V go to their own slots of the request's paged KV blocks;
+their queries attend non-causally over the request's whole canvas. This module
+turns "request -> rows, blocks" into the flat tensors every attention kernel
+takes: token ids, positions, slot mapping, query start offsets, sequence
+lengths and a block table. The CPU and CUDA paths use the same layout; only
+the kernel that consumes it differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RequestRows:
+    """One request's part of a step."""
+
+    canvas: torch.Tensor  # [canvas_len] token ids, masks included
+    query_positions: torch.Tensor  # [rows] canvas positions computed this step
+    logit_positions: torch.Tensor  # [k] positions whose logits the step reads
+    block_ids: list[int]  # the request's KV blocks, in canvas order
+
+
+@dataclass
+class StepLayout:
+    input_ids: torch.Tensor  # [num_rows]
+    positions: torch.Tensor  # [num_rows]
+    slot_mapping: torch.Tensor  # [num_rows]
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor  # [num_reqs] int32, full canvas lengths
+    block_table: torch.Tensor  # [num_reqs, max_blocks] int32
+    logit_rows: torch.Tensor  # [num_logits] indices into the flat rows
+    logit_start_loc: list[int]  # [num_reqs + 1] offsets into logit_rows
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_reqs(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+
+def slot_mapping_for(positions: torch.Tensor, block_ids: list[int], block_size: int) -> torch.Tensor:
+    """KV slot of each canvas position: block_ids[pos // bs] * bs + pos % bs."""
+    blocks = torch.tensor(block_ids, dtype=torch.long)
+    return blocks[positions // block_size] * block_size + positions % block_size
+
+
+def build_step_layout(requests: list[RequestRows], block_size: int) -> StepLayout:
+    input_ids, positions, slots, logit_rows = [], [], [], []
+    query_start, logit_start = [0], [0]
+    seq_lens = []
+    max_blocks = max(len(r.block_ids) for r in requests)
+    block_table = torch.zeros((len(requests), max_blocks), dtype=torch.int32)
+    for i, req in enumerate(requests):
+        canvas_len = req.canvas.shape[0]
+        if len(req.block_ids) * block_size < canvas_len:
+            raise ValueError(
+                f"request has {len(req.block_ids)} KV blocks of {block_size} "
+                f"slots for a canvas of {canvas_len}"
+            )
+        q = req.query_positions
+        input_ids.append(req.canvas[q])
+        positions.append(q)
+        slots.append(slot_mapping_for(q, req.block_ids, block_size))
+        # Row index (within this step's flat rows) of each logit position.
+        row_of = torch.full((canvas_len,), -1, dtype=torch.long)
+        row_of[q] = torch.arange(q.shape[0]) + query_start[-1]
+        rows = row_of[req.logit_positions]
+        if (rows < 0).any():
+            raise ValueError("a logit position is not among the query rows")
+        logit_rows.append(rows)
+        query_start.append(query_start[-1] + q.shape[0])
+        logit_start.append(logit_start[-1] + rows.shape[0])
+        seq_lens.append(canvas_len)
+        block_table[i, : len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.int32)
+    query_lens = [b - a for a, b in zip(query_start, query_start[1:])]
+    return StepLayout(
+        input_ids=torch.cat(input_ids),
+        positions=torch.cat(positions),
+        slot_mapping=torch.cat(slots),
+        query_start_loc=torch.tensor(query_start, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_table=block_table,
+        logit_rows=torch.cat(logit_rows),
+        logit_start_loc=logit_start,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+    )

@@ -1,0 +1,237 @@
+"""The diffusion scheduler: admits requests by canvas and charges rows.
+
+vLLM's Scheduler plans autoregressive steps (prefill chunks, one decode token
+per step). A masked-diffusion request is different: its whole canvas
+(`prompt + gen_length`) lives in the KV cache from the first step to the last,
+and each step recomputes some rows of it. This scheduler keeps vLLM's request
+bookkeeping (queues, KV cache manager, aborts, stats) and replaces planning:
+
+* a request is admitted when its whole canvas fits in free KV blocks (allocated
+  once, so a running request never needs more blocks and is never preempted
+  for lack of them);
+* each step charges a request the rows it will compute (`next_num_rows`
+  reported by the runner: the whole canvas without locking, only the unlocked
+  rows with SureLock) against `max_num_batched_tokens`;
+* requests join and leave between diffusion steps (continuous batching at
+  step granularity);
+* a request whose diffusion options are invalid finishes with an error naming
+  the option, without touching any other request.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+from vllm.v1.request import Request, RequestStatus
+
+from surelock_vllm.diffusion.options import DiffusionDefaults, InvalidDiffusionOption
+from surelock_vllm.engine.request_options import RESOLVED_KEY, resolve_request
+
+logger = init_logger(__name__)
+
+
+class DiffusionScheduler(Scheduler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        additional = self.vllm_config.additional_config or {}
+        self.diffusion_defaults = DiffusionDefaults.from_mapping(additional.get("surelock"))
+        # rows each running request computes at its next step
+        self.next_num_rows: dict[str, int] = {}
+        # requests refused at arrival: req_id -> error message
+        self.rejected: dict[str, str] = {}
+        # their outputs, sent with the next step's results
+        self.pending_error_outputs: list[tuple[int, EngineCoreOutput]] = []
+
+    # -- arrival ----------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        params = request.sampling_params
+        try:
+            if params is None:
+                raise InvalidDiffusionOption("pooling_params", "LLaDA serves generation only")
+            resolved = resolve_request(
+                params,
+                request.num_prompt_tokens,
+                max_model_len=self.max_model_len,
+                max_rows_per_step=self.max_num_scheduled_tokens,
+                defaults=self.diffusion_defaults,
+            )
+        except InvalidDiffusionOption as err:
+            logger.warning("request %s rejected: %s", request.request_id, err)
+            self.rejected[request.request_id] = str(err)
+        else:
+            params.extra_args = {**(params.extra_args or {}), RESOLVED_KEY: resolved}
+            gen_length = resolved["options"]["gen_length"]
+            # The answer is at most the generated canvas.
+            request.max_tokens = min(request.max_tokens, gen_length)
+            self.next_num_rows[request.request_id] = request.num_prompt_tokens + gen_length
+        super().add_request(request)
+
+    # -- planning ---------------------------------------------------------------
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        self._finish_rejected()
+        token_budget = self.max_num_scheduled_tokens
+        num_scheduled: dict[str, int] = {}
+        running: list[Request] = []
+
+        # Running requests first, in arrival order; one that does not fit this
+        # step waits (its KV blocks stay allocated) and goes first next time.
+        for request in self.running:
+            rows = self.next_num_rows[request.request_id]
+            if rows <= token_budget:
+                num_scheduled[request.request_id] = rows
+                token_budget -= rows
+                running.append(request)
+
+        new_requests: list[Request] = []
+        while self.waiting and len(self.running) < self.max_num_running_reqs:
+            request = self.waiting.peek_request()
+            rows = self.next_num_rows[request.request_id]
+            if rows > token_budget:
+                break
+            blocks = self.kv_cache_manager.allocate_slots(request, rows)
+            if blocks is None:
+                break  # KV cache full: wait for a running request to finish
+            self.waiting.pop_request()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            new_requests.append(request)
+            num_scheduled[request.request_id] = rows
+            token_budget -= rows
+
+        new_reqs_data = [
+            NewRequestData.from_request(
+                req, self.kv_cache_manager.get_block_ids(req.request_id)
+            )
+            for req in new_requests
+        ]
+        for req in new_requests:
+            req.num_computed_tokens = num_scheduled[req.request_id]
+        cached = CachedRequestData(
+            req_ids=[r.request_id for r in running],
+            resumed_req_ids=set(),
+            new_token_ids=[[] for _ in running],
+            all_token_ids={},
+            new_block_ids=[None for _ in running],
+            num_computed_tokens=[r.num_computed_tokens for r in running],
+            num_output_tokens=[r.num_output_tokens for r in running],
+        )
+        output = SchedulerOutput(
+            scheduled_new_reqs=new_reqs_data,
+            scheduled_cached_reqs=cached,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            scheduled_spec_decode_tokens={},
+            scheduled_encoder_inputs={},
+            finished_req_ids=self.finished_req_ids,
+            free_encoder_mm_hashes=[],
+        )
+        self.finished_req_ids = set()
+        return output
+
+    # -- results ----------------------------------------------------------------
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs: dict[int, list[EngineCoreOutput]] = defaultdict(list)
+        next_rows = getattr(model_runner_output, "next_num_rows", {})
+        stopped_reqs: list[Request] = []
+        for req_id in scheduler_output.num_scheduled_tokens:
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished():
+                continue  # aborted while the step ran
+            index = model_runner_output.req_id_to_index[req_id]
+            new_token_ids = list(model_runner_output.sampled_token_ids[index])
+            stopped = False
+            if new_token_ids:
+                new_token_ids, stopped = self._update_request_with_output(
+                    request, new_token_ids
+                )
+            if req_id in next_rows:
+                self.next_num_rows[req_id] = next_rows[req_id]
+            elif not stopped:
+                # The canvas is fully denoised: the answer is complete.
+                request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+                stopped = True
+            if stopped:
+                stopped_reqs.append(request)
+            if new_token_ids or stopped:
+                outputs[request.client_index].append(
+                    EngineCoreOutput(
+                        request_id=req_id,
+                        new_token_ids=new_token_ids,
+                        finish_reason=request.get_finished_reason(),
+                        stop_reason=request.stop_reason,
+                        events=request.take_events(),
+                        trace_headers=request.trace_headers,
+                    )
+                )
+        if stopped_reqs:
+            stopped_set = set(stopped_reqs)
+            self.running = [r for r in self.running if r not in stopped_set]
+            for request in stopped_reqs:
+                self._forget(request.request_id)
+                self._free_request(request)
+
+        for out in self.pending_error_outputs:
+            outputs[out[0]].append(out[1])
+        self.pending_error_outputs.clear()
+        return self._engine_core_outputs(outputs)
+
+    def _finish_rejected(self) -> None:
+        """Finish requests refused at arrival; their error names the option."""
+        if not self.rejected:
+            return
+        requests = [self.requests[r] for r in self.rejected if r in self.requests]
+        self.waiting.remove_requests(requests)
+        for request in requests:
+            message = self.rejected.pop(request.request_id)
+            request.status = RequestStatus.FINISHED_ERROR
+            request.stop_reason = message
+            self._forget(request.request_id)
+            self._free_request(request)
+            self.pending_error_outputs.append(
+                (
+                    request.client_index,
+                    EngineCoreOutput(
+                        request_id=request.request_id,
+                        new_token_ids=[],
+                        finish_reason=request.get_finished_reason(),
+                        stop_reason=message,
+                        events=request.take_events(),
+                        trace_headers=request.trace_headers,
+                    ),
+                )
+            )
+
+    def _engine_core_outputs(self, outputs) -> dict[int, EngineCoreOutputs]:
+        engine_core_outputs = {
+            client: EngineCoreOutputs(outputs=outs) for client, outs in outputs.items()
+        }
+        finished = self.finished_req_ids_dict
+        if finished:
+            for client, finished_set in finished.items():
+                if (eco := engine_core_outputs.get(client)) is not None:
+                    eco.finished_requests = finished_set
+                else:
+                    engine_core_outputs[client] = EngineCoreOutputs(
+                        finished_requests=finished_set
+                    )
+            finished.clear()
+        if (stats := self.make_stats()) is not None:
+            if (eco := next(iter(engine_core_outputs.values()), None)) is None:
+                engine_core_outputs[0] = eco = EngineCoreOutputs()
+            eco.scheduler_stats = stats
+        return engine_core_outputs
+
+    # -- aborts -----------------------------------------------------------------
+    def finish_requests(self, request_ids, finished_status):
+        finished = super().finish_requests(request_ids, finished_status)
+        for request in finished:
+            self._forget(request.request_id)
+        return finished
+
+    def _forget(self, req_id: str) -> None:
+        self.next_num_rows.pop(req_id, None)
+        self.rejected.pop(req_id, None)

@@ -1,0 +1,202 @@
+"""Build a small random-weight checkpoint in LLaDA-8B-Instruct's exact format.
+
+Same config keys, same weight names, a real (byte-level BPE) tokenizer with
+LLaDA's special tokens and chat template, a generation_config: the files the
+vLLM plugin and the plain-torch reference load for the real model.
+
+    python -m surelock_vllm.tools.make_checkpoint checkpoints/llada-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",  # EOS and pad, as in LLaDA
+    "<|startoftext|>",  # BOS
+    "<|mdm_mask|>",  # the mask token
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+
+# LLaDA-8B-Instruct's chat template (Llama-3 style, BOS on the first turn).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+
+PRESETS = {
+    # head_dim 32: the smallest head size vLLM's CPU attention kernel takes.
+    "tiny": dict(d_model=128, n_heads=4, n_layers=2, mlp_hidden_size=256),
+    "small": dict(d_model=256, n_heads=8, n_layers=4, mlp_hidden_size=688),
+}
+
+
+def build_tokenizer():
+    """Byte-level BPE over the 256 bytes (no merges) plus LLaDA's specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_symbols = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {sym: i for i, sym in enumerate(sorted(byte_symbols))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        mask_token="<|mdm_mask|>",
+        additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 1 << 30
+    return fast
+
+
+def llada_config(tokenizer, preset: dict, max_sequence_length: int) -> dict:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab_size = len(tokenizer)
+    return {
+        # Keys and values as in GSAI-ML/LLaDA-8B-Instruct's config.json, sizes scaled.
+        "activation_type": "silu",
+        "alibi": False,
+        "alibi_bias_max": 8.0,
+        "architectures": ["LLaDAModelLM"],
+        "attention_dropout": 0.0,
+        "attention_layer_norm": False,
+        "attention_layer_norm_with_affine": True,
+        "auto_map": {
+            "AutoConfig": "configuration_llada.LLaDAConfig",
+            "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+            "AutoModel": "modeling_llada.LLaDAModelLM",
+        },
+        "bias_for_layer_norm": False,
+        "block_group_size": 1,
+        "block_type": "llama",
+        "d_model": preset["d_model"],
+        "embedding_dropout": 0.0,
+        "embedding_size": vocab_size,
+        "eos_token_id": ids["<|endoftext|>"],
+        "flash_attention": False,
+        "include_bias": False,
+        "include_qkv_bias": False,
+        "init_cutoff_factor": None,
+        "init_device": "meta",
+        "init_fn": "mitchell",
+        "init_std": 0.02,
+        "input_emb_norm": False,
+        "layer_norm_type": "rms",
+        "layer_norm_with_affine": True,
+        "mask_token_id": ids["<|mdm_mask|>"],
+        "max_sequence_length": max_sequence_length,
+        "mlp_hidden_size": preset["mlp_hidden_size"],
+        "mlp_ratio": 4,
+        "model_type": "llada",
+        "multi_query_attention": None,
+        "n_heads": preset["n_heads"],
+        "n_kv_heads": preset["n_heads"],
+        "n_layers": preset["n_layers"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "precision": "amp_bf16",
+        "residual_dropout": 0.0,
+        "rms_norm_eps": 1e-05,
+        "rope": True,
+        "rope_full_precision": True,
+        "rope_theta": 500000.0,
+        "scale_logits": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.46.3",
+        "use_cache": False,
+        "vocab_size": vocab_size,
+        "weight_tying": False,
+    }
+
+
+def random_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights under the checkpoint's names.
+
+    Scaled so that a random model is confident and position-dependent: near-
+    uniform posteriors would make unmasking order depend on rounding noise.
+    """
+    g = torch.Generator().manual_seed(seed)
+    d, h, v = config["d_model"], config["mlp_hidden_size"], config["embedding_size"]
+
+    def normal(*shape, std):
+        return torch.randn(*shape, generator=g) * std
+
+    prefix = "model.transformer"
+    sd = {f"{prefix}.wte.weight": normal(v, d, std=1.0)}
+    for i in range(config["n_layers"]):
+        b = f"{prefix}.blocks.{i}"
+        sd[f"{b}.attn_norm.weight"] = 1.0 + normal(d, std=0.1)
+        for name in ("q_proj", "k_proj", "v_proj", "attn_out"):
+            sd[f"{b}.{name}.weight"] = normal(d, d, std=1.5 / d**0.5)
+        sd[f"{b}.ff_norm.weight"] = 1.0 + normal(d, std=0.1)
+        sd[f"{b}.ff_proj.weight"] = normal(h, d, std=1.0 / d**0.5)
+        sd[f"{b}.up_proj.weight"] = normal(h, d, std=1.0 / d**0.5)
+        sd[f"{b}.ff_out.weight"] = normal(d, h, std=1.0 / h**0.5)
+    sd[f"{prefix}.ln_f.weight"] = torch.ones(d)
+    sd[f"{prefix}.ff_out.weight"] = normal(v, d, std=4.0 / d**0.5)
+    # The mask token is never a prediction target in LLaDA.
+    sd[f"{prefix}.ff_out.weight"][config["mask_token_id"]] = -sd[f"{prefix}.ff_out.weight"][config["mask_token_id"]].abs()
+    return sd
+
+
+def write_checkpoint(
+    out: Path,
+    preset: str = "tiny",
+    seed: int = 0,
+    max_sequence_length: int = 1024,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(out)
+    config = llada_config(tokenizer, PRESETS[preset], max_sequence_length)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    generation_config = {
+        "bos_token_id": tokenizer.bos_token_id,
+        # The answer ends at the first EOS or end-of-turn, as in LLaDA's chat use.
+        "eos_token_id": [tokenizer.eos_token_id, eot],
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    if state_dict is None:
+        state_dict = random_state_dict(config, seed)
+    state_dict = {k: t.to(torch.bfloat16).contiguous() for k, t in state_dict.items()}
+    save_file(state_dict, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-sequence-length", type=int, default=1024)
+    args = parser.parse_args()
+    path = write_checkpoint(args.out, args.preset, args.seed, args.max_sequence_length)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

