@@ -161,3 +161,24 @@ class DiffusionRunnerMixin:
             )
         logits = self.model.compute_logits(hidden_states[layout.logit_rows.to(device)])
         return logits.float().cpu()
+
+    # -- diagnostics ------------------------------------------------------------
+    @torch.inference_mode()
+    def canvas_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [len, vocab] of one whole canvas, as the serving path computes them.
+
+        Diagnostic (tests compare it with the plain-torch model): writes K/V
+        into the last blocks of the KV cache, so call it only while the engine
+        is idle.
+        """
+        block_size = self.cache_config.block_size
+        num_blocks = -(-len(token_ids) // block_size)
+        total_blocks = self.kv_cache_config.num_blocks
+        canvas = torch.tensor(token_ids, dtype=torch.long)
+        rows = RequestRows(
+            canvas=canvas,
+            query_positions=torch.arange(len(token_ids)),
+            logit_positions=torch.arange(len(token_ids)),
+            block_ids=list(range(total_blocks - num_blocks, total_blocks)),
+        )
+        return self._run_rows(build_step_layout([rows], block_size))

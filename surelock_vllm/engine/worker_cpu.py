@@ -27,3 +27,7 @@ class DiffusionCPUWorker(CPUWorker):
         finally:
             cpu_worker.CPUModelRunner = original
         assert isinstance(self.model_runner, DiffusionCPUModelRunner)
+
+    def canvas_logits(self, token_ids: list[int]) -> list[list[float]]:
+        # Plain lists: results cross the process boundary as msgpack.
+        return self.model_runner.canvas_logits(token_ids).tolist()

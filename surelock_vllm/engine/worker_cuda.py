@@ -19,3 +19,7 @@ class DiffusionGPUModelRunner(DiffusionRunnerMixin, GPUModelRunner):
 class DiffusionGPUWorker(Worker):
     def _make_model_runner(self) -> GPUModelRunner:
         return DiffusionGPUModelRunner(self.vllm_config, self.device)
+
+    def canvas_logits(self, token_ids: list[int]) -> list[list[float]]:
+        # Plain lists: results cross the process boundary as msgpack.
+        return self.model_runner.canvas_logits(token_ids).cpu().tolist()
