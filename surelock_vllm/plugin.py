@@ -17,6 +17,7 @@ def register_all() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from surelock_vllm.configuration_llada import LLaDAConfig
+    from surelock_vllm.engine.attention import register_backends
     from surelock_vllm.engine.config_hook import LLaDAEngineConfig
     from surelock_vllm.vllm_internals import check_vllm_version
 
@@ -25,4 +26,5 @@ def register_all() -> None:
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     MODELS_CONFIG_MAP[ARCHITECTURE] = LLaDAEngineConfig
+    register_backends()
     _registered = True

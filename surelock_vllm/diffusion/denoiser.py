@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from surelock_vllm.diffusion.options import DiffusionOptions
+from surelock_vllm.diffusion.surelock import LockState, SureLockOptions
 
 
 def transfer_schedule(num_masked: int, steps: int) -> list[int]:
@@ -44,6 +45,7 @@ class CanvasDenoiser:
         options: DiffusionOptions,
         mask_id: int,
         seed: int,
+        surelock: SureLockOptions | None = None,
     ):
         self.options = options
         self.mask_id = mask_id
@@ -57,6 +59,13 @@ class CanvasDenoiser:
         self.step_in_block = 0
         self.num_steps_done = 0
         self._schedule = transfer_schedule(options.block_length, options.steps_per_block)
+        # Without locking there is no lock state at all: the no-lock path is
+        # the plain LLaDA sampler, untouched.
+        self.lock = (
+            LockState(self.canvas_len, self.prompt_len, surelock)
+            if surelock is not None and surelock.enabled
+            else None
+        )
 
     # -- geometry ---------------------------------------------------------
     @property
@@ -74,14 +83,24 @@ class CanvasDenoiser:
 
     # -- what the next step needs -------------------------------------------
     def query_positions(self) -> torch.Tensor:
-        """Canvas rows the transformer computes this step (all, without locking)."""
-        return torch.arange(self.canvas_len)
+        """Canvas rows the transformer computes this step: the unlocked ones."""
+        if self.lock is None:
+            return torch.arange(self.canvas_len)
+        return (~self.lock.locked).nonzero().squeeze(-1)
+
+    def _block_masked(self) -> torch.Tensor:
+        start, end = self.block_bounds()
+        rows = torch.zeros(self.canvas_len, dtype=torch.bool)
+        rows[start:end] = self.canvas[start:end] == self.mask_id
+        return rows
 
     def logit_positions(self) -> torch.Tensor:
-        """Rows whose logits this step reads: the current block's masked rows."""
-        start, end = self.block_bounds()
-        masked = (self.canvas[start:end] == self.mask_id).nonzero().squeeze(-1)
-        return masked + start
+        """Rows whose logits this step reads: the current block's masked rows
+        (to unmask) and, with locking, the lock candidates Z (to test)."""
+        rows = self._block_masked()
+        if self.lock is not None:
+            rows |= self.lock.candidates(self.canvas == self.mask_id)
+        return rows.nonzero().squeeze(-1)
 
     # -- one step -------------------------------------------------------------
     def step(self, logits: torch.Tensor) -> list[int] | None:
@@ -93,6 +112,12 @@ class CanvasDenoiser:
         assert not self.finished, "denoiser already finished"
         positions = self.logit_positions()
         assert logits.shape[0] == positions.shape[0], (logits.shape, positions.shape)
+        if self.lock is not None:
+            # Z as it stood during the forward pass, before this step unmasks.
+            lock_candidates = self.lock.candidates(self.canvas == self.mask_id)
+            all_logits, all_positions = logits, positions
+            sampled_rows = self._block_masked()[positions]
+            logits, positions = logits[sampled_rows], positions[sampled_rows]
         k = self._schedule[self.step_in_block]
         if positions.numel() > 0:
             # Draw even when k == 0 so the random stream matches the reference.
@@ -105,6 +130,8 @@ class CanvasDenoiser:
             if k > 0:
                 _, chosen = torch.topk(confidence.to(torch.float64), k=k)
                 self.canvas[positions[chosen]] = x0[chosen]
+        if self.lock is not None:
+            self.lock.observe(all_positions, all_logits, lock_candidates, self.num_steps_done)
         self.num_steps_done += 1
         self.step_in_block += 1
         if self.step_in_block < self.options.steps_per_block:

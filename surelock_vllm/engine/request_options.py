@@ -16,6 +16,8 @@ from surelock_vllm.diffusion.options import (
     DiffusionOptions,
     InvalidDiffusionOption,
 )
+from surelock_vllm.diffusion.surelock import REQUEST_KEYS as SURELOCK_KEYS
+from surelock_vllm.diffusion.surelock import SureLockOptions
 
 RESOLVED_KEY = "_surelock_resolved"
 
@@ -27,6 +29,7 @@ def resolve_request(
     max_model_len: int,
     max_rows_per_step: int,
     defaults: DiffusionDefaults,
+    surelock_defaults: SureLockOptions = SureLockOptions(),
 ) -> dict[str, Any]:
     """Validated options and seed; raises InvalidDiffusionOption naming the option."""
     extra = dict(sampling_params.extra_args or {})
@@ -36,7 +39,9 @@ def resolve_request(
         max_tokens=sampling_params.max_tokens,
         temperature=sampling_params.temperature,
         defaults=defaults,
+        ignore_keys=frozenset(SURELOCK_KEYS),
     )
+    surelock = surelock_defaults.resolve(extra)
     canvas_len = prompt_len + options.gen_length
     gen_key = "gen_length" if "gen_length" in extra else "max_tokens"
     if canvas_len > max_model_len:
@@ -54,4 +59,4 @@ def resolve_request(
     seed = sampling_params.seed
     if seed is None:
         seed = random.getrandbits(63)
-    return {"options": options.as_dict(), "seed": int(seed)}
+    return {"options": options.as_dict(), "surelock": surelock.as_dict(), "seed": int(seed)}

@@ -20,11 +20,11 @@ import torch
 
 from vllm.forward_context import set_forward_context
 from vllm.logger import init_logger
-from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from surelock_vllm.diffusion.denoiser import CanvasDenoiser
 from surelock_vllm.diffusion.options import DiffusionOptions
+from surelock_vllm.diffusion.surelock import SureLockOptions
 from surelock_vllm.engine.request_options import RESOLVED_KEY
 from surelock_vllm.engine.rows import RequestRows, StepLayout, build_step_layout
 
@@ -37,6 +37,8 @@ class DiffusionRunnerOutput(ModelRunnerOutput):
 
     # rows each request will compute at its next step (its token-budget charge)
     next_num_rows: dict[str, int] = field(default_factory=dict)
+    # per request, this step: rows, canvas_len, logit_rows, locked (ComputeLedger.add_step)
+    step_stats: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,9 +69,10 @@ class DiffusionRunnerMixin:
         for new in scheduler_output.scheduled_new_reqs:
             resolved = new.sampling_params.extra_args[RESOLVED_KEY]
             options = DiffusionOptions(**resolved["options"])
+            surelock = SureLockOptions(**resolved["surelock"])
             states[new.req_id] = DiffusionRequestState(
                 denoiser=CanvasDenoiser(
-                    new.prompt_token_ids, options, self.mask_token_id, resolved["seed"]
+                    new.prompt_token_ids, options, self.mask_token_id, resolved["seed"], surelock
                 ),
                 block_ids=list(new.block_ids[0]),
             )
@@ -107,45 +110,40 @@ class DiffusionRunnerMixin:
 
         sampled: list[list[int]] = []
         next_rows: dict[str, int] = {}
+        step_stats: dict[str, dict[str, int]] = {}
         for i, req_id in enumerate(req_ids):
             den = states[req_id].denoiser
             lo, hi = layout.logit_start_loc[i], layout.logit_start_loc[i + 1]
             block_tokens = den.step(logits[lo:hi])
             sampled.append(block_tokens or [])
+            locked = 0 if den.lock is None else int(den.lock.locked.sum())
+            step_stats[req_id] = dict(
+                rows=int(rows[i].query_positions.shape[0]),
+                canvas_len=den.canvas_len,
+                logit_rows=hi - lo,
+                locked=locked,
+            )
             if not den.finished:
                 next_rows[req_id] = int(den.query_positions().shape[0])
+        if self._trace_enabled():
+            self._record_trace(req_ids, rows, states)
         return DiffusionRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled,
             next_num_rows=next_rows,
+            step_stats=step_stats,
         )
 
     def _run_rows(self, layout: StepLayout) -> torch.Tensor:
         """Transformer over the step's rows; logits (fp32, CPU) of the logit rows."""
         device = self.device
         slot_mapping = layout.slot_mapping.to(device)
-        common = CommonAttentionMetadata(
-            query_start_loc=layout.query_start_loc.to(device),
-            query_start_loc_cpu=layout.query_start_loc,
-            seq_lens=layout.seq_lens.to(device),
-            num_reqs=layout.num_reqs,
-            num_actual_tokens=layout.num_rows,
-            max_query_len=layout.max_query_len,
-            max_seq_len=layout.max_seq_len,
-            block_table_tensor=layout.block_table.to(device),
-            slot_mapping=slot_mapping,
-            causal=False,
-            positions=layout.positions.to(device),
-            seq_lens_cpu_upper_bound=layout.seq_lens,
-        )
         attn_metadata: dict = {}
         slot_mappings: dict = {}
         for groups in self.attn_groups:
             for group in groups:
-                meta = group.get_metadata_builder().build(
-                    common_prefix_len=0, common_attn_metadata=common
-                )
+                meta = group.get_metadata_builder().build_for_rows(layout, device)
                 for layer_name in group.layer_names:
                     attn_metadata[layer_name] = meta
                     slot_mappings[layer_name] = slot_mapping
@@ -182,3 +180,46 @@ class DiffusionRunnerMixin:
             block_ids=list(range(total_blocks - num_blocks, total_blocks)),
         )
         return self._run_rows(build_step_layout([rows], block_size))
+
+    # -- tracing (tests, debugging): --additional-config surelock.trace ---------
+    def _trace_enabled(self) -> bool:
+        settings = (self.vllm_config.additional_config or {}).get("surelock") or {}
+        return bool(settings.get("trace"))
+
+    def _record_trace(self, req_ids, rows, states) -> None:
+        """Per step and request: rows fed, locked positions, and their K/V slots."""
+        from vllm.model_executor.layers.attention import Attention
+
+        trace = getattr(self, "_trace", None)
+        if trace is None:
+            trace = self._trace = []
+        block_size = self.cache_config.block_size
+        layers = [
+            m for m in self.model.modules() if isinstance(m, Attention)
+        ]
+        for req_id, req_rows in zip(req_ids, rows):
+            state = states[req_id]
+            den = state.denoiser
+            locked = [] if den.lock is None else den.lock.locked.nonzero().squeeze(-1).tolist()
+            kv = []
+            if locked:
+                from surelock_vllm.engine.rows import slot_mapping_for
+
+                slots = slot_mapping_for(torch.tensor(locked), state.block_ids, block_size)
+                kv = [
+                    layer.attn_backend.read_kv_slots(layer.kv_cache, slots, block_size).tolist()
+                    for layer in layers
+                ]
+            trace.append(
+                {
+                    "req_id": req_id,
+                    "step": den.num_steps_done - 1,
+                    "query_positions": req_rows.query_positions.tolist(),
+                    "locked": locked,
+                    "locked_kv": kv,
+                }
+            )
+
+    def take_trace(self) -> list[dict]:
+        trace, self._trace = getattr(self, "_trace", []), []
+        return trace

@@ -29,6 +29,7 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
 from surelock_vllm.diffusion.options import DiffusionDefaults, InvalidDiffusionOption
+from surelock_vllm.diffusion.surelock import ComputeLedger, ModelShape, SureLockOptions
 from surelock_vllm.engine.request_options import RESOLVED_KEY, resolve_request
 
 logger = init_logger(__name__)
@@ -37,8 +38,12 @@ logger = init_logger(__name__)
 class DiffusionScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        additional = self.vllm_config.additional_config or {}
-        self.diffusion_defaults = DiffusionDefaults.from_mapping(additional.get("surelock"))
+        settings = server_settings(self.vllm_config)
+        self.diffusion_defaults = DiffusionDefaults.from_mapping(settings)
+        self.surelock_defaults = SureLockOptions.from_defaults(settings)
+        self.model_shape = ModelShape.from_config(self.vllm_config.model_config.hf_config)
+        # per request: rows and FLOPs computed vs. the no-lock sampler
+        self.ledgers: dict[str, ComputeLedger] = {}
         # rows each running request computes at its next step
         self.next_num_rows: dict[str, int] = {}
         # requests refused at arrival: req_id -> error message
@@ -58,6 +63,7 @@ class DiffusionScheduler(Scheduler):
                 max_model_len=self.max_model_len,
                 max_rows_per_step=self.max_num_scheduled_tokens,
                 defaults=self.diffusion_defaults,
+                surelock_defaults=self.surelock_defaults,
             )
         except InvalidDiffusionOption as err:
             logger.warning("request %s rejected: %s", request.request_id, err)
@@ -68,6 +74,7 @@ class DiffusionScheduler(Scheduler):
             # The answer is at most the generated canvas.
             request.max_tokens = min(request.max_tokens, gen_length)
             self.next_num_rows[request.request_id] = request.num_prompt_tokens + gen_length
+            self.ledgers[request.request_id] = ComputeLedger()
         super().add_request(request)
 
     # -- planning ---------------------------------------------------------------
@@ -136,11 +143,14 @@ class DiffusionScheduler(Scheduler):
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs: dict[int, list[EngineCoreOutput]] = defaultdict(list)
         next_rows = getattr(model_runner_output, "next_num_rows", {})
+        step_stats = getattr(model_runner_output, "step_stats", {})
         stopped_reqs: list[Request] = []
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
             if request is None or request.is_finished():
                 continue  # aborted while the step ran
+            if req_id in step_stats:
+                self.ledgers[req_id].add_step(self.model_shape, **step_stats[req_id])
             index = model_runner_output.req_id_to_index[req_id]
             new_token_ids = list(model_runner_output.sampled_token_ids[index])
             stopped = False
@@ -165,6 +175,7 @@ class DiffusionScheduler(Scheduler):
                         stop_reason=request.stop_reason,
                         events=request.take_events(),
                         trace_headers=request.trace_headers,
+                        kv_transfer_params=self._final_stats(req_id) if stopped else None,
                     )
                 )
         if stopped_reqs:
@@ -232,6 +243,37 @@ class DiffusionScheduler(Scheduler):
             self._forget(request.request_id)
         return finished
 
+    def _final_stats(self, req_id: str) -> dict:
+        """Per-request accounting, delivered on the finished RequestOutput.
+
+        vLLM has no per-request field for plugin data; `kv_transfer_params` is
+        the one dict that travels from EngineCoreOutput to RequestOutput and
+        into OpenAI responses (see vllm_internals.py). Nothing else reads it
+        unless a KV connector is configured, which this engine refuses.
+        """
+        ledger = self.ledgers.get(req_id)
+        return {"surelock": ledger.as_dict()} if ledger is not None else {}
+
     def _forget(self, req_id: str) -> None:
         self.next_num_rows.pop(req_id, None)
         self.rejected.pop(req_id, None)
+        self.ledgers.pop(req_id, None)
+
+
+SERVER_SETTING_KEYS = (
+    "block_length", "remasking",  # diffusion defaults
+    "enabled", "eps", "confidence_gate", "lock_prompt",  # SureLock defaults
+    "trace",  # record per-step rows and locked K/V (tests, debugging)
+)
+
+
+def server_settings(vllm_config) -> dict:
+    """`--additional-config '{"surelock": {...}}'`, checked for unknown keys."""
+    settings = dict((vllm_config.additional_config or {}).get("surelock") or {})
+    unknown = set(settings) - set(SERVER_SETTING_KEYS)
+    if unknown:
+        raise ValueError(
+            f"--additional-config surelock: unknown keys {sorted(unknown)}; "
+            f"known: {list(SERVER_SETTING_KEYS)}"
+        )
+    return settings

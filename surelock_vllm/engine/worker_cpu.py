@@ -31,3 +31,6 @@ class DiffusionCPUWorker(CPUWorker):
     def canvas_logits(self, token_ids: list[int]) -> list[list[float]]:
         # Plain lists: results cross the process boundary as msgpack.
         return self.model_runner.canvas_logits(token_ids).tolist()
+
+    def take_trace(self) -> list[dict]:
+        return self.model_runner.take_trace()

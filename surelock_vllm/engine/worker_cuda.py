@@ -23,3 +23,6 @@ class DiffusionGPUWorker(Worker):
     def canvas_logits(self, token_ids: list[int]) -> list[list[float]]:
         # Plain lists: results cross the process boundary as msgpack.
         return self.model_runner.canvas_logits(token_ids).cpu().tolist()
+
+    def take_trace(self) -> list[dict]:
+        return self.model_runner.take_trace()

@@ -39,6 +39,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
 from surelock_vllm.configuration_llada import LLaDAConfig
+from surelock_vllm.engine.attention import surelock_attention_backend
 
 
 class LLaDAMLP(nn.Module):
@@ -118,6 +119,8 @@ class LLaDAAttention(nn.Module):
             cache_config=cache_config,
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
+            # Scattered non-causal rows over paged KV (engine/attention.py).
+            attn_backend=surelock_attention_backend(),
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:

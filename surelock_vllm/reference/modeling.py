@@ -72,26 +72,49 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)
 
-    def attention(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        seq = x.shape[0]
-        q = self.q_proj(x).view(seq, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(seq, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(seq, self.n_kv_heads, self.head_dim)
+    def attention(
+        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: "KVCache | None" = None
+    ) -> torch.Tensor:
+        """Bidirectional attention of the rows `x` (at canvas `positions`).
+
+        Without a cache the rows are the whole sequence. With one, the rows'
+        K/V are written at their positions and the queries attend over the
+        whole cached canvas: rows not given keep the K/V they were last
+        computed with (SureLock's locked rows).
+        """
+        rows = x.shape[0]
+        q = self.q_proj(x).view(rows, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(rows, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(rows, self.n_kv_heads, self.head_dim)
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            kv_cache.keys[positions] = k
+            kv_cache.values[positions] = v
+            k, v = kv_cache.keys, kv_cache.values
         groups = self.n_heads // self.n_kv_heads
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-        # Bidirectional: every position attends to every position.
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=False
         )
-        return self.attn_out(out.transpose(0, 1).reshape(seq, -1))
+        return self.attn_out(out.transpose(0, 1).reshape(rows, -1))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attn_norm(x), positions)
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: "KVCache | None" = None
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attn_norm(x), positions, kv_cache)
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+class KVCache:
+    """One layer's K/V for a whole canvas: [canvas_len, n_kv_heads, head_dim]."""
+
+    def __init__(self, canvas_len: int, config: LLaDAConfig, dtype: torch.dtype):
+        shape = (canvas_len, config.n_kv_heads, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype)
+        self.values = torch.zeros(shape, dtype=dtype)
 
 
 class LLaDATransformer(nn.Module):
@@ -125,13 +148,26 @@ class LLaDAReferenceLM(nn.Module):
         """Logits of one sequence (1-D ids), or of a batch of equal-length ones."""
         if input_ids.dim() == 2:
             return torch.stack([self.forward(row) for row in input_ids])
+        return self.forward_rows(input_ids, torch.arange(input_ids.shape[0]))
+
+    @torch.no_grad()
+    def forward_rows(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: "list[KVCache] | None" = None,
+    ) -> torch.Tensor:
+        """Logits of some rows of a canvas; other rows come from `kv_caches`."""
         t = self.model.transformer
-        positions = torch.arange(input_ids.shape[0])
         x = t.wte(input_ids)
-        for block in t.blocks:
-            x = block(x, positions)
+        for i, block in enumerate(t.blocks):
+            x = block(x, positions, None if kv_caches is None else kv_caches[i])
         logits = t.ff_out(t.ln_f(x))
         return logits[:, : self.config.vocab_size].float()
+
+    def new_kv_caches(self, canvas_len: int) -> "list[KVCache]":
+        dtype = self.model.transformer.wte.weight.dtype
+        return [KVCache(canvas_len, self.config, dtype) for _ in range(self.config.n_layers)]
 
     @classmethod
     def from_pretrained(

@@ -1,0 +1,85 @@
+"""Plain-torch SureLock: the reference sampler with locked rows skipped.
+
+Each step runs the model on the unlocked rows only (`forward_rows`), with a
+per-layer K/V cache of the whole canvas holding locked rows' K/V as of their
+lock step, exactly the computation SureLock prescribes. The vLLM path does the
+same with paged KV blocks; tests compare tokens and lock decisions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from surelock_vllm.diffusion.options import DiffusionOptions
+from surelock_vllm.diffusion.surelock import LockState, SureLockOptions
+from surelock_vllm.reference.sampler import add_gumbel_noise, get_num_transfer_tokens
+
+
+@dataclass
+class SureLockRun:
+    tokens: list[int]  # generated ids
+    lock_step: list[int]  # per canvas position: step it locked at, -1 never
+    rows_per_step: list[int]  # rows fed to the model at each step
+
+
+@torch.no_grad()
+def reference_generate_surelock(
+    model,
+    prompt: list[int],
+    options: DiffusionOptions,
+    lock_options: SureLockOptions,
+    mask_id: int,
+    seed: int = 0,
+) -> SureLockRun:
+    generator = torch.Generator().manual_seed(seed)
+    p = len(prompt)
+    x = torch.full((p + options.gen_length,), mask_id, dtype=torch.long)
+    x[:p] = torch.tensor(prompt, dtype=torch.long)
+    caches = model.new_kv_caches(x.shape[0])
+    lock = LockState(x.shape[0], p, lock_options)
+    rows_per_step: list[int] = []
+    step_index = 0
+    for block in range(options.num_blocks):
+        start = p + block * options.block_length
+        end = start + options.block_length
+        schedule = get_num_transfer_tokens(int((x[start:end] == mask_id).sum()), options.steps_per_block)
+        for step in range(options.steps_per_block):
+            mask_index = x == mask_id
+            active = (~lock.locked).nonzero().squeeze(-1)
+            rows_per_step.append(int(active.numel()))
+            logits_active = model.forward_rows(x[active], active, caches)
+            logits = torch.full((x.shape[0], logits_active.shape[-1]), float("nan"))
+            logits[active] = logits_active
+            z = lock.candidates(mask_index)
+            # posteriors needed: Z (lock test) and the block's masked rows (sampling)
+            block_masked = mask_index.clone()
+            block_masked[:start] = False
+            block_masked[end:] = False
+            observed = (z | block_masked).nonzero().squeeze(-1)
+            # LLaDA's unmasking rule, random numbers for the block's masked rows only
+            x0 = x.clone()
+            x0_p = torch.full(x.shape, -torch.inf, dtype=torch.float64)
+            row_logits = logits[block_masked]
+            if row_logits.shape[0] > 0:
+                x0[block_masked] = torch.argmax(
+                    add_gumbel_noise(row_logits, options.temperature, generator), dim=-1
+                )
+                if options.remasking == "low_confidence":
+                    probs = F.softmax(row_logits, dim=-1)
+                    x0_p[block_masked] = torch.gather(probs, -1, x0[block_masked][:, None]).squeeze(-1).double()
+                else:
+                    x0_p[block_masked] = torch.rand(int(block_masked.sum()), generator=generator).double()
+            confidence = torch.where(mask_index, x0_p, -torch.inf)
+            if schedule[step] > 0:
+                _, select = torch.topk(confidence, k=schedule[step])
+                x[select] = x0[select]
+            lock.observe(observed, logits[observed], z, step_index)
+            step_index += 1
+    return SureLockRun(
+        tokens=x[p:].tolist(),
+        lock_step=lock.lock_step.tolist(),
+        rows_per_step=rows_per_step,
+    )
