@@ -32,9 +32,10 @@ class SureLockFlashAttentionBackend(FlashAttentionBackend):
         return SureLockFlashAttentionMetadataBuilder
 
     @staticmethod
-    def read_kv_slots(kv_cache: torch.Tensor, slots: torch.Tensor, block_size: int) -> torch.Tensor:
+    def read_kv_slots(layer, slots: torch.Tensor, block_size: int) -> torch.Tensor:
         """K and V at `slots` from FlashAttention's [2, blocks, block_size, heads, head] cache."""
+        kv_cache = layer.kv_cache
         blocks, offsets = slots // block_size, slots % block_size
         keys = kv_cache[0, blocks, offsets]
         values = kv_cache[1, blocks, offsets]
-        return torch.cat([keys, values], dim=-1).cpu().clone()
+        return torch.cat([keys, values], dim=-1).flatten(1).cpu().clone()

@@ -193,6 +193,7 @@ class DiffusionRunnerMixin:
         trace = getattr(self, "_trace", None)
         if trace is None:
             trace = self._trace = []
+        self._trace_calls = getattr(self, "_trace_calls", 0) + 1
         block_size = self.cache_config.block_size
         layers = [
             m for m in self.model.modules() if isinstance(m, Attention)
@@ -207,12 +208,13 @@ class DiffusionRunnerMixin:
 
                 slots = slot_mapping_for(torch.tensor(locked), state.block_ids, block_size)
                 kv = [
-                    layer.attn_backend.read_kv_slots(layer.kv_cache, slots, block_size).tolist()
+                    layer.attn_backend.read_kv_slots(layer, slots, block_size).tolist()
                     for layer in layers
                 ]
             trace.append(
                 {
                     "req_id": req_id,
+                    "engine_step": self._trace_calls,
                     "step": den.num_steps_done - 1,
                     "query_positions": req_rows.query_positions.tolist(),
                     "locked": locked,
