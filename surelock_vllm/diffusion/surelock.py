@@ -211,6 +211,22 @@ class ComputeLedger:
             self.locked_fraction = []
         self.locked_fraction.append(locked / canvas_len)
 
+    def merge(self, other: "ComputeLedger") -> None:
+        """Add another ledger's counts (aggregates keep no per-step fractions)."""
+        for name in (
+            "steps", "rows", "rows_nolock", "dense_flops", "dense_flops_nolock",
+            "attention_flops", "attention_flops_nolock", "lm_head_flops",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def summary(self) -> str:
+        return (
+            f"rows computed {self.rows} / no-lock {self.rows_nolock} "
+            f"({self.rows / max(self.rows_nolock, 1):.1%}), algorithmic FLOPs "
+            f"{self.flops_ratio:.3f}x no-lock (dense {self.dense_flops / max(self.dense_flops_nolock, 1):.3f}x, "
+            f"attention {self.attention_flops / max(self.attention_flops_nolock, 1):.3f}x)"
+        )
+
     @property
     def flops_ratio(self) -> float:
         """Algorithmic FLOPs (dense + attention) relative to no-lock."""

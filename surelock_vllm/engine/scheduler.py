@@ -20,6 +20,7 @@ bookkeeping (queues, KV cache manager, aborts, stats) and replaces planning:
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 from vllm.logger import init_logger
@@ -44,6 +45,10 @@ class DiffusionScheduler(Scheduler):
         self.model_shape = ModelShape.from_config(self.vllm_config.model_config.hf_config)
         # per request: rows and FLOPs computed vs. the no-lock sampler
         self.ledgers: dict[str, ComputeLedger] = {}
+        # all requests finished since the engine started, for the log line
+        self.totals = ComputeLedger()
+        self.finished_count = 0
+        self._last_log = time.monotonic()
         # rows each running request computes at its next step
         self.next_num_rows: dict[str, int] = {}
         # requests refused at arrival: req_id -> error message
@@ -182,8 +187,10 @@ class DiffusionScheduler(Scheduler):
             stopped_set = set(stopped_reqs)
             self.running = [r for r in self.running if r not in stopped_set]
             for request in stopped_reqs:
+                self._account_finished(request.request_id)
                 self._forget(request.request_id)
                 self._free_request(request)
+        self._maybe_log_totals()
 
         for out in self.pending_error_outputs:
             outputs[out[0]].append(out[1])
@@ -253,6 +260,21 @@ class DiffusionScheduler(Scheduler):
         """
         ledger = self.ledgers.get(req_id)
         return {"surelock": ledger.as_dict()} if ledger is not None else {}
+
+    def _account_finished(self, req_id: str) -> None:
+        ledger = self.ledgers.get(req_id)
+        if ledger is None:
+            return
+        self.finished_count += 1
+        self.totals.merge(ledger)
+        logger.debug("request %s: %s", req_id, ledger.summary())
+
+    def _maybe_log_totals(self, every_s: float = 10.0) -> None:
+        now = time.monotonic()
+        if now - self._last_log < every_s or self.totals.steps == 0:
+            return
+        self._last_log = now
+        logger.info("SureLock, %d finished requests: %s", self.finished_count, self.totals.summary())
 
     def _forget(self, req_id: str) -> None:
         self.next_num_rows.pop(req_id, None)

@@ -1,0 +1,123 @@
+"""SureLock's lock rule and FLOPs formulas, in plain torch."""
+
+import math
+
+import pytest
+import torch
+
+from surelock_vllm.diffusion.options import InvalidDiffusionOption
+from surelock_vllm.diffusion.surelock import (
+    ComputeLedger,
+    LockState,
+    ModelShape,
+    SureLockOptions,
+    stepwise_kl,
+)
+
+
+def test_kl_is_zero_for_equal_and_positive_for_different_posteriors():
+    a = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0]]), -1)
+    b = torch.log_softmax(torch.tensor([[0.0, 2.0, -1.0]]), -1)
+    assert stepwise_kl(a, a).item() == 0.0
+    p, q = a.exp(), b.exp()
+    assert stepwise_kl(a, b).item() == pytest.approx((p * (p / q).log()).sum().item())
+
+
+def logits_for(rows, peak):
+    out = torch.zeros(rows, 5)
+    out[:, peak] = 4.0
+    return out
+
+
+def test_first_observation_never_locks_then_stable_rows_lock():
+    lock = LockState(canvas_len=6, prompt_len=2, options=SureLockOptions(enabled=True, eps=1e-6))
+    masked = torch.tensor([False, False, True, True, True, True])
+    z = lock.candidates(masked)
+    assert z.tolist() == [True, True, False, False, False, False]  # prompt rows, unmasked
+    rows = torch.arange(6)
+    assert lock.observe(rows, logits_for(6, 1), z, step=0).numel() == 0  # KL infinite at first
+    # position 2 unmasked by the sampler; all posteriors unchanged
+    masked[2] = False
+    z = lock.candidates(masked)
+    newly = lock.observe(rows, logits_for(6, 1), z, step=1)
+    assert newly.tolist() == [0, 1, 2]
+    assert lock.lock_step.tolist() == [1, 1, 1, -1, -1, -1]
+    # locked rows leave Z for good; masked rows never lock
+    assert lock.candidates(masked).tolist() == [False] * 6
+
+
+def test_changed_posterior_does_not_lock():
+    lock = LockState(4, 0, SureLockOptions(enabled=True, eps=1e-3))
+    masked = torch.zeros(4, dtype=torch.bool)
+    rows = torch.arange(4)
+    lock.observe(rows, logits_for(4, 1), lock.candidates(masked), 0)
+    moved = logits_for(4, 1)
+    moved[2] = logits_for(1, 3)[0]
+    newly = lock.observe(rows, moved, lock.candidates(masked), 1)
+    assert newly.tolist() == [0, 1, 3]
+
+
+def test_lock_prompt_false_keeps_prompt_unlocked():
+    lock = LockState(4, 2, SureLockOptions(enabled=True, eps=1.0, lock_prompt=False))
+    masked = torch.zeros(4, dtype=torch.bool)
+    rows = torch.arange(4)
+    for step in range(3):
+        lock.observe(rows, logits_for(4, 0), lock.candidates(masked), step)
+    assert lock.locked.tolist() == [False, False, True, True]
+
+
+def test_confidence_gate_keeps_only_the_most_confident_fraction():
+    lock = LockState(10, 0, SureLockOptions(enabled=True, eps=10.0, confidence_gate=0.2))
+    masked = torch.zeros(10, dtype=torch.bool)
+    logits = torch.zeros(10, 5)
+    logits[:, 0] = torch.arange(10, dtype=torch.float)  # row 9 most confident
+    rows = torch.arange(10)
+    lock.observe(rows, logits, lock.candidates(masked), 0)
+    newly = lock.observe(rows, logits, lock.candidates(masked), 1)
+    assert sorted(newly.tolist()) == [8, 9]  # 20% of 10
+
+
+def test_disabled_never_locks():
+    lock = LockState(4, 0, SureLockOptions(enabled=False, eps=1.0))
+    masked = torch.zeros(4, dtype=torch.bool)
+    for step in range(3):
+        assert lock.observe(torch.arange(4), logits_for(4, 0), lock.candidates(masked), step).numel() == 0
+
+
+@pytest.mark.parametrize(
+    "extra,option",
+    [
+        ({"surelock": "yes"}, "surelock"),
+        ({"surelock_eps": -1.0}, "surelock_eps"),
+        ({"surelock_eps": math.nan}, "surelock_eps"),
+        ({"surelock_confidence_gate": 1.5}, "surelock_confidence_gate"),
+        ({"surelock_confidence_gate": 0}, "surelock_confidence_gate"),
+        ({"surelock_lock_prompt": 1}, "surelock_lock_prompt"),
+    ],
+)
+def test_invalid_request_options_name_the_key(extra, option):
+    with pytest.raises(InvalidDiffusionOption) as err:
+        SureLockOptions().resolve(extra)
+    assert err.value.option == option
+
+
+def test_request_overrides_server_defaults():
+    server = SureLockOptions.from_defaults({"enabled": True, "eps": 5e-4})
+    assert server.resolve({}) == SureLockOptions(enabled=True, eps=5e-4)
+    assert server.resolve({"surelock": False}).enabled is False
+    assert server.resolve({"surelock_eps": 0.05}).eps == 0.05
+    with pytest.raises(InvalidDiffusionOption, match="eps"):
+        SureLockOptions.from_defaults({"eps": "big"})
+
+
+def test_flops_formulas_follow_the_omnd_model():
+    shape = ModelShape(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, mlp_hidden=12288, vocab=126464)
+    # LLaDA-8B: 4 d^2 attention projections + 3 d*d_ff MLP per layer, 2 FLOPs/MAC
+    assert shape.dense_flops(1) == 32 * 2 * (4 * 4096**2 + 3 * 4096 * 12288)
+    assert shape.attention_flops(10, 300) == 32 * 4 * 10 * 300 * 4096
+    ledger = ComputeLedger()
+    ledger.add_step(shape, rows=300, canvas_len=300, logit_rows=32, locked=0)
+    ledger.add_step(shape, rows=100, canvas_len=300, logit_rows=40, locked=200)
+    assert ledger.rows == 400 and ledger.rows_nolock == 600
+    assert ledger.flops_ratio == pytest.approx(400 / 600)  # both parts scale with M
+    assert ledger.locked_fraction == [0.0, 200 / 300]
