@@ -42,7 +42,28 @@ INTERNALS: list[tuple[str, str, str]] = [
     ("vllm.v1.attention.backend", "CommonAttentionMetadata",
      "the runner builds it for scattered, non-causal query rows"),
     ("vllm.forward_context", "set_forward_context", "per-layer attention metadata and slot mappings"),
-    ("vllm.v1.outputs", "ModelRunnerOutput", "DiffusionRunnerOutput adds next_num_rows"),
+    ("vllm.v1.outputs", "ModelRunnerOutput", "DiffusionRunnerOutput adds next_num_rows and step_stats"),
+    ("vllm.v1.worker.utils", "AttentionGroup.get_metadata_builder", "per-group metadata builder"),
+    ("vllm.v1.attention.backends.registry", "register_backend",
+     "registers SURELOCK_CPU / SURELOCK_FLASH_ATTN (public hook, listed for its dynamic-name form)"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend", "SureLockCPUAttentionBackend subclasses it"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder",
+     "subclassed; build() is called with causal=False row metadata"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.do_kv_cache_update",
+     "writes rows' K/V to their slots; also used to locate a slot's elements for the trace"),
+    ("vllm.model_executor.layers.attention", "Attention",
+     "LLaDA layers pass attn_backend=...; the trace reads Attention.kv_cache and .impl"),
+    ("vllm.v1.engine", "EngineCoreOutput",
+     "kv_transfer_params carries per-request SureLock accounting to RequestOutput (no other per-request channel exists)"),
+]
+
+#: instance attributes the plugin reads: (module, class, attribute, where it is set)
+INSTANCE_ATTRIBUTES: list[tuple[str, str, str, str]] = [
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "attn_groups", "__init__"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "kv_cache_config", "initialize_kv_cache"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "finished_req_ids_dict", "__init__"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "max_num_scheduled_tokens", "__init__"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "max_num_running_reqs", "__init__"),
 ]
 
 #: dataclass fields the plugin passes by name

@@ -56,3 +56,18 @@ def test_plugin_registration_is_idempotent():
     surelock_vllm.register()
     assert "LLaDAModelLM" in ModelRegistry.get_supported_archs()
     assert MODELS_CONFIG_MAP["LLaDAModelLM"].__name__ == "LLaDAEngineConfig"
+
+
+def test_kv_transfer_params_reaches_request_outputs():
+    """SureLock's per-request accounting rides on this field end to end."""
+    from vllm.outputs import RequestOutput
+    from vllm.v1.engine import EngineCoreOutput
+
+    assert "kv_transfer_params" in EngineCoreOutput.__struct_fields__
+    assert "kv_transfer_params" in inspect.signature(RequestOutput.__init__).parameters
+
+
+@pytest.mark.parametrize("module,cls,attr,method", vi.INSTANCE_ATTRIBUTES, ids=[f"{c}.{a}" for _, c, a, _ in vi.INSTANCE_ATTRIBUTES])
+def test_instance_attributes_are_still_set(module, cls, attr, method):
+    source = inspect.getsource(getattr(vi.resolve(module, cls), method))
+    assert f"self.{attr}" in source, f"{cls}.{method} no longer sets self.{attr}"
