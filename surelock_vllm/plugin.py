@@ -27,4 +27,7 @@ def register_all() -> None:
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     MODELS_CONFIG_MAP[ARCHITECTURE] = LLaDAEngineConfig
     register_backends()
+    from surelock_vllm.patches import apply_all
+
+    apply_all()
     _registered = True

@@ -32,6 +32,7 @@ def resolve_request(
     surelock_defaults: SureLockOptions = SureLockOptions(),
 ) -> dict[str, Any]:
     """Validated options and seed; raises InvalidDiffusionOption naming the option."""
+    check_supported_sampling(sampling_params)
     extra = dict(sampling_params.extra_args or {})
     extra.pop(RESOLVED_KEY, None)
     options = DiffusionOptions.resolve(
@@ -60,3 +61,34 @@ def resolve_request(
     if seed is None:
         seed = random.getrandbits(63)
     return {"options": options.as_dict(), "surelock": surelock.as_dict(), "seed": int(seed)}
+
+
+# SamplingParams fields the LLaDA sampler cannot honour: (field, value that
+# means "unused", why). It samples x0 by argmax / Gumbel-max over the full
+# posterior and unmasks by confidence; there is no per-token logit processing
+# and no logprob to report for tokens decided in parallel.
+UNSUPPORTED_SAMPLING = (
+    ("top_p", 1.0, "nucleus sampling"),
+    ("top_k", (0, -1, None), "top-k sampling"),
+    ("min_p", 0.0, "min-p sampling"),
+    ("presence_penalty", 0.0, "presence penalty"),
+    ("frequency_penalty", 0.0, "frequency penalty"),
+    ("repetition_penalty", 1.0, "repetition penalty"),
+    ("logprobs", None, "logprobs"),
+    ("prompt_logprobs", None, "prompt logprobs"),
+    ("logit_bias", (None, {}), "logit bias"),
+    ("allowed_token_ids", (None, []), "allowed_token_ids"),
+    ("bad_words", (None, []), "bad_words"),
+    ("structured_outputs", None, "structured outputs"),
+    ("min_tokens", 0, "min_tokens (EOS cannot be suppressed per position)"),
+)
+
+
+def check_supported_sampling(sampling_params) -> None:
+    for name, unused, what in UNSUPPORTED_SAMPLING:
+        value = getattr(sampling_params, name, None)
+        allowed = unused if isinstance(unused, tuple) else (unused,)
+        if value not in allowed:
+            raise InvalidDiffusionOption(
+                name, f"{what} is not supported by the masked-diffusion sampler (got {value!r})"
+            )

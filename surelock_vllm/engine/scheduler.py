@@ -70,6 +70,7 @@ class DiffusionScheduler(Scheduler):
                 defaults=self.diffusion_defaults,
                 surelock_defaults=self.surelock_defaults,
             )
+            self._check_fits_kv_cache(request, resolved["options"]["gen_length"], params)
         except InvalidDiffusionOption as err:
             logger.warning("request %s rejected: %s", request.request_id, err)
             self.rejected[request.request_id] = str(err)
@@ -81,6 +82,19 @@ class DiffusionScheduler(Scheduler):
             self.next_num_rows[request.request_id] = request.num_prompt_tokens + gen_length
             self.ledgers[request.request_id] = ComputeLedger()
         super().add_request(request)
+
+    def _check_fits_kv_cache(self, request: Request, gen_length: int, params) -> None:
+        """A canvas larger than the whole KV cache would wait forever."""
+        block_size = self.cache_config.block_size
+        needed = -(-(request.num_prompt_tokens + gen_length) // block_size)
+        total = self.kv_cache_config.num_blocks - 1  # block 0 is vLLM's null block
+        if needed > total:
+            key = "gen_length" if "gen_length" in (params.extra_args or {}) else "max_tokens"
+            raise InvalidDiffusionOption(
+                key,
+                f"the canvas needs {needed} KV blocks of {block_size} tokens; "
+                f"the whole KV cache has {total}",
+            )
 
     # -- planning ---------------------------------------------------------------
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
