@@ -81,3 +81,73 @@ PROMPTS = [
     "List three prime numbers greater than ten and explain why each one is prime.",
     "Okay, thanks!",
 ]
+
+
+class RemoteServer:
+    """`vllm serve <shipped checkpoint> --plugin surelock ...` on 127.0.0.1."""
+
+    def __init__(self, *extra_args: str, timeout_s: float = 300.0):
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        vllm = Path(sys.executable).parent / "vllm"
+        self.args = [
+            str(vllm), "serve", str(CHECKPOINT), "--plugin", "surelock",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--dtype", "float32", "--max-model-len", "1024", "--block-size", "32",
+            "--enforce-eager", "--seed", "0",
+            *(["--gpu-memory-utilization", "0.3"] if _is_cpu_vllm() else []),
+            *extra_args,
+        ]
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"surelock-serve-{self.port}.log"
+        self._log = open(self.log_path, "w")
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self._wait(timeout_s)
+
+    def _wait(self, timeout_s: float) -> None:
+        import time
+
+        import requests
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}); log: {self.log_path}\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"server did not start in {timeout_s}s; log: {self.log_path}")
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text().splitlines()[-n:])
+
+    def metrics(self) -> dict[str, float]:
+        import requests
+
+        values = {}
+        for line in requests.get(self.url + "/metrics", timeout=10).text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:
+                self.proc.kill()
+        self._log.close()

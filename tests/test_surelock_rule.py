@@ -92,13 +92,20 @@ def test_disabled_never_locks():
         ({"surelock_eps": math.nan}, "surelock_eps"),
         ({"surelock_confidence_gate": 1.5}, "surelock_confidence_gate"),
         ({"surelock_confidence_gate": 0}, "surelock_confidence_gate"),
-        ({"surelock_lock_prompt": 1}, "surelock_lock_prompt"),
+        ({"surelock_lock_prompt": 2}, "surelock_lock_prompt"),
+        ({"surelock": "maybe"}, "surelock"),
     ],
 )
 def test_invalid_request_options_name_the_key(extra, option):
     with pytest.raises(InvalidDiffusionOption) as err:
         SureLockOptions().resolve(extra)
     assert err.value.option == option
+
+
+def test_booleans_in_the_forms_vllm_xargs_delivers():
+    assert SureLockOptions().resolve({"surelock": 1}).enabled is True
+    assert SureLockOptions(enabled=True).resolve({"surelock": 0}).enabled is False
+    assert SureLockOptions().resolve({"surelock": "true", "surelock_lock_prompt": "false"}).lock_prompt is False
 
 
 def test_request_overrides_server_defaults():
@@ -120,4 +127,4 @@ def test_flops_formulas_follow_the_omnd_model():
     ledger.add_step(shape, rows=100, canvas_len=300, logit_rows=40, locked=200)
     assert ledger.rows == 400 and ledger.rows_nolock == 600
     assert ledger.flops_ratio == pytest.approx(400 / 600)  # both parts scale with M
-    assert ledger.locked_fraction == [0.0, 200 / 300]
+    assert ledger.locked_fraction == [0.0, round(200 / 300, 4)]

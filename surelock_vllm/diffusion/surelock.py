@@ -63,8 +63,7 @@ class SureLockOptions:
     def _validated(self, given: dict[str, Any], names: dict[str, str]) -> "SureLockOptions":
         values = {**self.as_dict(), **given}
         for field in ("enabled", "lock_prompt"):
-            if not isinstance(values[field], bool):
-                raise InvalidDiffusionOption(names.get(field, field), f"must be true or false, got {values[field]!r}")
+            values[field] = _as_bool(values[field], names.get(field, field))
         eps = values["eps"]
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
             raise InvalidDiffusionOption(names.get("eps", "eps"), f"must be a finite number >= 0, got {eps!r}")
@@ -79,6 +78,18 @@ class SureLockOptions:
         values["eps"] = float(eps)
         values["confidence_gate"] = None if gate is None else float(gate)
         return SureLockOptions(**values)
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    """true/false; also 1/0 and "true"/"false", the forms vllm_xargs delivers
+    (the OpenAI server's vllm_xargs holds str, int and float values only)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise InvalidDiffusionOption(name, f"must be true or false, got {value!r}")
 
 
 def stepwise_kl(logp_now: torch.Tensor, logp_prev: torch.Tensor) -> torch.Tensor:
@@ -209,7 +220,7 @@ class ComputeLedger:
         self.lm_head_flops += shape.lm_head_flops(logit_rows)
         if self.locked_fraction is None:
             self.locked_fraction = []
-        self.locked_fraction.append(locked / canvas_len)
+        self.locked_fraction.append(round(locked / canvas_len, 4))
 
     def merge(self, other: "ComputeLedger") -> None:
         """Add another ledger's counts (aggregates keep no per-step fractions)."""
