@@ -103,8 +103,9 @@ class CanvasDenoiser:
         return rows.nonzero().squeeze(-1)
 
     # -- one step -------------------------------------------------------------
-    def step(self, logits: torch.Tensor) -> list[int] | None:
-        """Unmask this step's positions, given logits of `logit_positions()`.
+    def step(self, logits: torch.Tensor, logp: torch.Tensor | None = None) -> list[int] | None:
+        """Unmask this step's positions, given logits of `logit_positions()`
+        (and optionally their log-softmax, for the lock test).
 
         Returns the block's final tokens when this step completes a block,
         else None.
@@ -131,7 +132,7 @@ class CanvasDenoiser:
                 _, chosen = torch.topk(confidence.to(torch.float64), k=k)
                 self.canvas[positions[chosen]] = x0[chosen]
         if self.lock is not None:
-            self.lock.observe(all_positions, all_logits, lock_candidates, self.num_steps_done)
+            self.lock.observe(all_positions, all_logits, lock_candidates, self.num_steps_done, logp)
         self.num_steps_done += 1
         self.step_in_block += 1
         if self.step_in_block < self.options.steps_per_block:

@@ -107,6 +107,9 @@ class DiffusionRunnerMixin:
                 )
         layout = build_step_layout(rows, self.cache_config.block_size)
         logits = self._run_rows(layout)
+        # The lock test needs log-posteriors: one batched log_softmax per step.
+        locking = any(states[r].denoiser.lock is not None for r in req_ids)
+        logp = torch.log_softmax(logits, dim=-1) if locking else None
 
         sampled: list[list[int]] = []
         next_rows: dict[str, int] = {}
@@ -114,7 +117,7 @@ class DiffusionRunnerMixin:
         for i, req_id in enumerate(req_ids):
             den = states[req_id].denoiser
             lo, hi = layout.logit_start_loc[i], layout.logit_start_loc[i + 1]
-            block_tokens = den.step(logits[lo:hi])
+            block_tokens = den.step(logits[lo:hi], None if logp is None else logp[lo:hi])
             sampled.append(block_tokens or [])
             locked = 0 if den.lock is None else int(den.lock.locked.sum())
             step_stats[req_id] = dict(
