@@ -1,0 +1,252 @@
+"""Train the shipped small LLaDA-format model with LLaDA's SFT objective.
+
+    python -m surelock_vllm.tools.train_small checkpoints/llada-small      # ~1 h on 2 CPU cores
+    python -m surelock_vllm.tools.train_small /tmp/smoke --steps 5         # smoke run
+
+The data are generated problems with exactly checkable answers
+(`surelock_vllm.tasks`). Each example is the chat-templated prompt followed by
+a response of exactly `--response-length` tokens: the answer, `<|eot_id|>`,
+then `<|endoftext|>` padding, as in LLaDA's SFT, so at inference the model
+fills a `gen_length = response_length` canvas with the answer and EOS.
+
+Objective (LLaDA, SFT): the prompt is kept; every response token is masked
+with probability p = (1 - 1e-3) t + 1e-3, t ~ U(0, 1) per example (stratified
+over the batch to lower the variance); the loss is the cross-entropy of the
+masked tokens weighted by 1/p, summed and divided by the response length.
+
+Deterministic for a seed on one device type (data, init, masking). The
+output is a checkpoint in LLaDA-8B-Instruct's format (same config keys and
+weight names) written by `make_checkpoint.write_checkpoint`, plus a
+`training_log.json` next to it. Uses CUDA when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from surelock_vllm.configuration_llada import LLaDAConfig
+from surelock_vllm.reference.modeling import LLaDAReferenceLM, apply_rotary, rotary_cos_sin
+from surelock_vllm.tasks import Problem, heldout_problems, is_correct, training_stream
+from surelock_vllm.tools.make_checkpoint import PRESETS, build_tokenizer, llada_config, write_checkpoint
+
+MASK_EPS = 1e-3  # LLaDA's floor on the masking probability
+
+
+class ExampleEncoder:
+    """Problem -> (prompt ids, response ids) with the checkpoint's tokenizer and chat template."""
+
+    def __init__(self, tokenizer, response_length: int):
+        self.tokenizer = tokenizer
+        self.response_length = response_length
+        self.eos = tokenizer.eos_token_id
+        self.eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+
+    def prompt_ids(self, problem: Problem) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": problem.prompt}], add_generation_prompt=True, tokenize=True
+        )
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def response_ids(self, problem: Problem) -> list[int]:
+        answer = self.tokenizer.encode(problem.answer, add_special_tokens=False) + [self.eot]
+        if len(answer) > self.response_length:
+            raise ValueError(f"answer of {len(answer)} tokens exceeds --response-length {self.response_length}")
+        return answer + [self.eos] * (self.response_length - len(answer))
+
+
+def forward_batch(model: LLaDAReferenceLM, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Logits [B, T, V] of right-padded sequences; `valid` [B, T] marks real tokens.
+
+    The same weights and operations as `LLaDAReferenceLM.forward_rows`
+    (bidirectional attention, RoPE at positions 0..len-1), batched, with
+    padding hidden from attention, and with autograd.
+    """
+    cfg = model.config
+    t = model.model.transformer
+    batch, length = ids.shape
+    heads, kv_heads, head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    cos, sin = rotary_cos_sin(torch.arange(length, device=ids.device), head_dim, cfg.rope_theta)
+    keep = valid[:, None, None, :]  # [B, 1, 1, T]: attend to real tokens only
+    x = t.wte(ids)
+    for block in t.blocks:
+        h = block.attn_norm(x)
+        q = apply_rotary(block.q_proj(h).view(batch, length, heads, head_dim), cos, sin)
+        k = apply_rotary(block.k_proj(h).view(batch, length, kv_heads, head_dim), cos, sin)
+        v = block.v_proj(h).view(batch, length, kv_heads, head_dim)
+        groups = heads // kv_heads
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep
+        )
+        x = x + block.attn_out(out.transpose(1, 2).reshape(batch, length, -1))
+        h = block.ff_norm(x)
+        x = x + block.ff_out(F.silu(block.ff_proj(h)) * block.up_proj(h))
+    return t.ff_out(t.ln_f(x))[..., : cfg.vocab_size]
+
+
+def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-pad prompt+response; returns ids, valid mask and response mask [B, T]."""
+    length = max(len(p) + len(r) for p, r in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(examples), length, dtype=torch.bool)
+    response = torch.zeros_like(valid)
+    for i, (p, r) in enumerate(examples):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        valid[i, : len(p) + len(r)] = True
+        response[i, len(p) : len(p) + len(r)] = True
+    return ids, valid, response
+
+
+def diffusion_loss(model, ids, valid, response, mask_id: int, response_length: int, generator) -> torch.Tensor:
+    """LLaDA's SFT loss for one batch (module docstring)."""
+    batch = ids.shape[0]
+    # Stratified t: one draw per example in each of `batch` equal slices of (0, 1).
+    t = (torch.arange(batch) + torch.rand(batch, generator=generator)) / batch
+    t = t[torch.randperm(batch, generator=generator)]
+    p_mask = ((1 - MASK_EPS) * t + MASK_EPS)[:, None].expand(ids.shape)
+    masked = (torch.rand(ids.shape, generator=generator) < p_mask) & response
+    noisy = torch.where(masked.to(ids.device), mask_id, ids)
+    logits = forward_batch(model, noisy, valid.to(ids.device))
+    ce = F.cross_entropy(logits[masked.to(ids.device)].float(), ids[masked.to(ids.device)], reduction="none")
+    return (ce / p_mask[masked].to(ce.device)).sum() / (batch * response_length)
+
+
+@torch.no_grad()
+def quick_accuracy(model, encoder: ExampleEncoder, problems: list[Problem], mask_id: int) -> dict[str, float]:
+    """Exact match with the reference sampler (greedy, low-confidence, 4 blocks)."""
+    from surelock_vllm.diffusion.options import DiffusionOptions
+    from surelock_vllm.reference.sampler import reference_generate
+
+    model.eval()
+    gen = encoder.response_length
+    options = DiffusionOptions.resolve({"steps": gen, "block_length": gen // 4}, max_tokens=gen, temperature=0.0)
+    # The reference sampler runs on the CPU; on CUDA, probe a CPU copy.
+    cpu_model = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
+    per_task: dict[str, list[bool]] = {}
+    for problem in problems:
+        out = reference_generate(cpu_model, encoder.prompt_ids(problem), options, mask_id)
+        text = encoder.tokenizer.decode(_until_stop(out, encoder), skip_special_tokens=True)
+        per_task.setdefault(problem.task, []).append(is_correct(problem, text))
+    model.train()
+    return {task: sum(v) / len(v) for task, v in sorted(per_task.items())}
+
+
+def _until_stop(ids: list[int], encoder: ExampleEncoder) -> list[int]:
+    for i, tok in enumerate(ids):
+        if tok in (encoder.eos, encoder.eot):
+            return ids[:i]
+    return ids
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(args) -> Path:
+    from tqdm import tqdm
+
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    tokenizer = build_tokenizer()
+    config_dict = llada_config(tokenizer, PRESETS[args.preset], args.max_sequence_length)
+    config = LLaDAConfig(**config_dict)
+    model = LLaDAReferenceLM(config)
+    _init_weights(model, config, args.seed)
+    model.to(device).train()
+    encoder = ExampleEncoder(tokenizer, args.response_length)
+    heldout = heldout_problems()
+    stream = training_stream(args.seed, exclude={p.prompt for p in heldout})
+    probe = [p for i, p in enumerate(heldout) if i % 10 == 0]  # 5 per task
+    generator = torch.Generator().manual_seed(args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    log: list[dict] = []
+    start = time.perf_counter()
+    bar = tqdm(range(args.steps), desc="train", unit="step")
+    for step in bar:
+        examples = [(encoder.prompt_ids(p), encoder.response_ids(p)) for p in (next(stream) for _ in range(args.batch_size))]
+        ids, valid, response = make_batch(examples, tokenizer.eos_token_id)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        loss = diffusion_loss(model, ids.to(device), valid, response, config.mask_token_id, args.response_length, generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        entry = {"step": step + 1, "loss": round(loss.item(), 4), "elapsed_s": round(time.perf_counter() - start, 1)}
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            entry["probe_accuracy"] = quick_accuracy(model, encoder, probe, config.mask_token_id)
+            tqdm.write(f"step {step + 1}: loss {loss.item():.3f}, probe exact match {entry['probe_accuracy']}")
+        log.append(entry)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            _save(model, args, log)
+    return _save(model, args, log)
+
+
+def _init_weights(model: LLaDAReferenceLM, config: LLaDAConfig, seed: int) -> None:
+    """Small normal init (std 0.02, output projections scaled by depth), unit norms."""
+    g = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+            torch.nn.init.ones_(param)
+            continue
+        std = 0.02
+        if name.endswith("attn_out.weight") or (name.endswith("ff_out.weight") and ".blocks." in name):
+            std /= math.sqrt(2 * config.n_layers)
+        with torch.no_grad():
+            param.copy_(torch.randn(param.shape, generator=g) * std)
+
+
+def _save(model: LLaDAReferenceLM, args, log: list[dict]) -> Path:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    out = write_checkpoint(args.out, args.preset, args.seed, args.max_sequence_length, state_dict=state)
+    meta = {
+        "command": "python -m surelock_vllm.tools.train_small " + " ".join(args.argv),
+        "preset": args.preset, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
+        "lr": args.lr, "response_length": args.response_length, "device": str(next(model.parameters()).device),
+        "log": log,
+    }
+    (Path(args.out) / "training_log.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--response-length", type=int, default=64)
+    parser.add_argument("--max-sequence-length", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=250, help="probe exact match every N steps (0: never)")
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even where CUDA is present")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    random.seed(args.seed)
+    path = train(args)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
