@@ -1,6 +1,6 @@
 """Offline generation with LLaDA through vLLM (`LLM.generate`).
 
-    python examples/offline_generate.py                      # shipped tiny checkpoint
+    python examples/offline_generate.py                      # shipped trained small checkpoint
     python examples/offline_generate.py --model GSAI-ML/LLaDA-8B-Instruct --dtype bfloat16
 
 Diffusion options travel per request in `SamplingParams.extra_args`:
@@ -15,7 +15,10 @@ from pathlib import Path
 from vllm import LLM, SamplingParams
 from vllm.platforms import current_platform
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "llada-tiny"
+from surelock_vllm.stats import surelock_stats
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+DEFAULT_MODEL = CHECKPOINTS / "llada-small"  # trained by surelock_vllm/tools/train_small.py
 
 
 def main() -> None:
@@ -23,9 +26,10 @@ def main() -> None:
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--gen-length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--block-length", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--no-surelock", dest="surelock", action="store_false", help="denoise without locking")
     args = parser.parse_args()
 
     extra = {} if not current_platform.is_cpu() else {"gpu_memory_utilization": 0.3}
@@ -33,17 +37,22 @@ def main() -> None:
     params = SamplingParams(
         max_tokens=args.gen_length,
         temperature=args.temperature,
-        extra_args={"steps": args.steps, "block_length": args.block_length, "remasking": "low_confidence"},
+        extra_args={"steps": args.steps, "block_length": args.block_length, "remasking": "low_confidence",
+                    "surelock": args.surelock},
     )
-    questions = ["What is 12 + 30?", "Reverse the word 'lock'.", "Name three colours."]
+    # The shipped model knows the tasks of surelock_vllm/tasks.py (problems it never saw in training).
+    questions = ["What is 512 + 389?", "Reverse: surelock", "Sort: 7 1 8 2 8 3",
+                 "Uppercase: river stone light", "Repeat ab 4 times.", "k=moon, q=fire, z=lake. What is q?"]
     conversations = [[{"role": "user", "content": q}] for q in questions]
     outputs = llm.chat(conversations, params)
-    if Path(args.model) == DEFAULT_MODEL:
+    if Path(args.model) == CHECKPOINTS / "llada-tiny":
         print("\nNote: checkpoints/llada-tiny has random weights (it exercises the real"
               " loading and serving code); its answers are not meant to be meaningful.")
     for question, out in zip(questions, outputs):
         completion = out.outputs[0]
-        print(f"\nQ: {question}\nA: {completion.text!r}  ({len(completion.token_ids)} tokens, {completion.finish_reason})")
+        stats = surelock_stats(out)
+        saved = f", SureLock saved {1 - stats['flops_ratio']:.0%} of FLOPs" if stats and args.surelock else ""
+        print(f"\nQ: {question}\nA: {completion.text!r}  ({len(completion.token_ids)} tokens, {completion.finish_reason}{saved})")
 
 
 if __name__ == "__main__":

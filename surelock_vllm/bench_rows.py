@@ -37,12 +37,14 @@ SHAPES = {
 
 
 def load_schedule(path: Path | None, eps: float) -> list[float]:
-    """Locked fraction after each step, from a surelock-bench report (or a linear ramp)."""
+    """Locked fraction after each step, from a surelock-bench or surelock-eval report (or a linear ramp)."""
     if path is None:
         return [min(1.0, 0.9 * i / 100) for i in range(100)]
     report = json.loads(Path(path).read_text())
     best = None
-    for cell in report["cells"]:
+    # surelock-bench reports hold cells of runs; surelock-eval reports one list of runs.
+    cells = report.get("cells") or [{"gen_length": report["gen_length"], "runs": {r["label"]: r for r in report["runs"]}}]
+    for cell in cells:
         for run in cell["runs"].values():
             if run["eps"] is not None and abs(run["eps"] - eps) <= 1e-12 and (best is None or cell["gen_length"] > best[0]):
                 best = (cell["gen_length"], run["locked_fraction_per_step"])
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--gen-lengths", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--prompt-length", type=int, default=64)
-    parser.add_argument("--schedule", type=Path, default=None, help="surelock-bench JSON to replay locks from")
+    parser.add_argument("--schedule", type=Path, default=None, help="surelock-bench or surelock-eval JSON to replay locks from")
     parser.add_argument("--eps", type=float, default=5e-3)
     parser.add_argument("--max-steps", type=int, default=None, help="time only the first N steps (scaled up)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/gpu_rows.json"))

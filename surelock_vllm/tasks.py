@@ -2,7 +2,7 @@
 
 Six tasks (arithmetic, string and list manipulation, lookups), each a
 generator of `Problem(task, prompt, answer)` from a `random.Random`. Answers
-run from a few bytes to ~50 (the tokenizer is byte-level), so a 64-token
+run from a few bytes to ~30 (the tokenizer is byte-level), so a 64-token
 generation spans several diffusion blocks. Plain Python, no torch or vLLM.
 
 Held-out problems come from their own seed, and the training stream skips any
@@ -40,28 +40,28 @@ def _add(rng: random.Random) -> Problem:
 
 
 def _reverse(rng: random.Random) -> Problem:
-    word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 10)))
+    word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 8)))
     return Problem("reverse", f"Reverse: {word}", word[::-1])
 
 
 def _sort(rng: random.Random) -> Problem:
-    nums = [rng.randint(0, 9) for _ in range(rng.randint(3, 9))]
+    nums = [rng.randint(0, 9) for _ in range(rng.randint(3, 8))]
     return Problem("sort", "Sort: " + " ".join(map(str, nums)), " ".join(map(str, sorted(nums))))
 
 
 def _upper(rng: random.Random) -> Problem:
-    words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 7)))
+    words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 5)))
     return Problem("upper", f"Uppercase: {words}", words.upper())
 
 
 def _repeat(rng: random.Random) -> Problem:
-    unit = "".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 4)))
-    times = rng.randint(2, 8)
+    unit = "".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 3)))
+    times = rng.randint(2, 6)
     return Problem("repeat", f"Repeat {unit} {times} times.", unit * times)
 
 
 def _lookup(rng: random.Random) -> Problem:
-    keys = rng.sample(LETTERS, rng.randint(3, 5))
+    keys = rng.sample(LETTERS, rng.randint(2, 4))
     values = [rng.choice(WORDS) for _ in keys]
     table = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
     i = rng.randrange(len(keys))

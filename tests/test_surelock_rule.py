@@ -46,6 +46,16 @@ def test_first_observation_never_locks_then_stable_rows_lock():
     assert lock.candidates(masked).tolist() == [False] * 6
 
 
+def test_eps_zero_never_locks_even_identical_posteriors():
+    # KL < eps is strict: with eps = 0 SureLock is the no-lock sampler.
+    lock = LockState(4, 0, SureLockOptions(enabled=True, eps=0.0))
+    masked = torch.zeros(4, dtype=torch.bool)
+    rows = torch.arange(4)
+    for step in range(3):
+        assert lock.observe(rows, logits_for(4, 1), lock.candidates(masked), step).numel() == 0
+    assert not lock.locked.any()
+
+
 def test_changed_posterior_does_not_lock():
     lock = LockState(4, 0, SureLockOptions(enabled=True, eps=1e-3))
     masked = torch.zeros(4, dtype=torch.bool)

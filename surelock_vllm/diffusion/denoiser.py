@@ -9,6 +9,8 @@ Without locking every canvas row is a query row; SureLock shrinks that list.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -31,12 +33,28 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator) -> torch.
     return (logits.exp() / (-torch.log(noise)) ** temperature).argmax(dim=-1)
 
 
+@dataclass
+class StepPlan:
+    """What one step computes, fixed before the forward pass."""
+
+    query_positions: torch.Tensor  # canvas rows the transformer runs
+    logit_positions: torch.Tensor  # rows whose logits the step reads
+    # over logit_positions: the rows the sampler reads (the block's masked
+    # rows); None when those are all of them (no locking)
+    sampled: torch.Tensor | None
+    lock_candidates: torch.Tensor | None  # Z over the canvas, before unmasking
+
+
 class CanvasDenoiser:
     """`prompt + gen_length` masks, denoised block by block.
 
     Random numbers come from a generator seeded per request, drawn for the
     still-masked rows of the current block in position order (the same
     convention as `surelock_vllm.reference.sampler`).
+
+    The runner calls it once per engine step, for every request in the batch,
+    so the bookkeeping is kept to a few tensor ops: the step's rows are
+    planned once (`plan`) and the mask is tracked as positions unmask.
     """
 
     def __init__(
@@ -54,11 +72,14 @@ class CanvasDenoiser:
             (self.prompt_len + options.gen_length,), mask_id, dtype=torch.long
         )
         self.canvas[: self.prompt_len] = torch.tensor(prompt_ids, dtype=torch.long)
+        self.masked = self.canvas == mask_id
         self.generator = torch.Generator().manual_seed(seed)
         self.block = 0
         self.step_in_block = 0
         self.num_steps_done = 0
         self._schedule = transfer_schedule(options.block_length, options.steps_per_block)
+        self._all_rows = torch.arange(self.canvas_len)
+        self._plan: StepPlan | None = None
         # Without locking there is no lock state at all: the no-lock path is
         # the plain LLaDA sampler, untouched.
         self.lock = (
@@ -82,25 +103,38 @@ class CanvasDenoiser:
         return start, start + self.options.block_length
 
     # -- what the next step needs -------------------------------------------
+    def plan(self) -> StepPlan:
+        """This step's rows (computed once, until `step` consumes them)."""
+        if self._plan is not None:
+            return self._plan
+        start, end = self.block_bounds()
+        block_masked = start + self.masked[start:end].nonzero().squeeze(-1)
+        if self.lock is None:
+            self._plan = StepPlan(self._all_rows, block_masked, None, None)
+            return self._plan
+        # With locking: the unlocked rows run; logits are read for the
+        # block's masked rows (to unmask) and the lock candidates Z (to test).
+        z = self.lock.candidates(self.masked)
+        read = z.clone()
+        read[block_masked] = True
+        logit_positions = read.nonzero().squeeze(-1)
+        self._plan = StepPlan(
+            query_positions=(~self.lock.locked).nonzero().squeeze(-1),
+            logit_positions=logit_positions,
+            # Z holds no masked row, so the masked rows read are the block's.
+            sampled=self.masked[logit_positions],
+            lock_candidates=z,
+        )
+        return self._plan
+
     def query_positions(self) -> torch.Tensor:
         """Canvas rows the transformer computes this step: the unlocked ones."""
-        if self.lock is None:
-            return torch.arange(self.canvas_len)
-        return (~self.lock.locked).nonzero().squeeze(-1)
-
-    def _block_masked(self) -> torch.Tensor:
-        start, end = self.block_bounds()
-        rows = torch.zeros(self.canvas_len, dtype=torch.bool)
-        rows[start:end] = self.canvas[start:end] == self.mask_id
-        return rows
+        return self.plan().query_positions
 
     def logit_positions(self) -> torch.Tensor:
         """Rows whose logits this step reads: the current block's masked rows
         (to unmask) and, with locking, the lock candidates Z (to test)."""
-        rows = self._block_masked()
-        if self.lock is not None:
-            rows |= self.lock.candidates(self.canvas == self.mask_id)
-        return rows.nonzero().squeeze(-1)
+        return self.plan().logit_positions
 
     # -- one step -------------------------------------------------------------
     def step(self, logits: torch.Tensor, logp: torch.Tensor | None = None) -> list[int] | None:
@@ -111,14 +145,13 @@ class CanvasDenoiser:
         else None.
         """
         assert not self.finished, "denoiser already finished"
-        positions = self.logit_positions()
+        plan = self.plan()
+        self._plan = None
+        positions = plan.logit_positions
         assert logits.shape[0] == positions.shape[0], (logits.shape, positions.shape)
-        if self.lock is not None:
-            # Z as it stood during the forward pass, before this step unmasks.
-            lock_candidates = self.lock.candidates(self.canvas == self.mask_id)
-            all_logits, all_positions = logits, positions
-            sampled_rows = self._block_masked()[positions]
-            logits, positions = logits[sampled_rows], positions[sampled_rows]
+        all_logits = logits
+        if plan.sampled is not None:
+            logits, positions = logits[plan.sampled], positions[plan.sampled]
         k = self._schedule[self.step_in_block]
         if positions.numel() > 0:
             # Draw even when k == 0 so the random stream matches the reference.
@@ -130,9 +163,12 @@ class CanvasDenoiser:
                 confidence = torch.rand(x0.shape, generator=self.generator)
             if k > 0:
                 _, chosen = torch.topk(confidence.to(torch.float64), k=k)
-                self.canvas[positions[chosen]] = x0[chosen]
+                unmasked = positions[chosen]
+                self.canvas[unmasked] = x0[chosen]
+                # (a sampled mask token stays masked, as in the reference loop)
+                self.masked[unmasked] = x0[chosen] == self.mask_id
         if self.lock is not None:
-            self.lock.observe(all_positions, all_logits, lock_candidates, self.num_steps_done, logp)
+            self.lock.observe(plan.logit_positions, all_logits, plan.lock_candidates, self.num_steps_done, logp)
         self.num_steps_done += 1
         self.step_in_block += 1
         if self.step_in_block < self.options.steps_per_block:

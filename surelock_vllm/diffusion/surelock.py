@@ -7,7 +7,8 @@ Per request, per step t, with A the unlocked positions:
         previous step (its first step)
   optional confidence gate: u_i = 1 - max p_t^i must be among the smallest
         `confidence_gate` fraction of u over Z (the paper uses 20%)
-  lock F = {i in Z : D_i <= eps (and the gate)}.
+  lock F = {i in Z : D_i < eps (and the gate)}: strict, as in the paper, so
+        eps = 0 never locks (identical posteriors give D_i = 0).
 A locked position stays locked: from the next step on it is not computed at
 all, and its K/V stay as computed at its lock step. Masked positions never lock.
 
@@ -97,6 +98,9 @@ def stepwise_kl(logp_now: torch.Tensor, logp_prev: torch.Tensor) -> torch.Tensor
     return (logp_now.exp() * (logp_now - logp_prev)).sum(-1).clamp_min(0.0)
 
 
+_EMPTY = torch.empty(0, dtype=torch.long)
+
+
 class LockState:
     """Lock flags and last posteriors of one request's canvas."""
 
@@ -108,6 +112,17 @@ class LockState:
         self.lock_step = torch.full((canvas_len,), -1, dtype=torch.long)
         self._prev_logp: torch.Tensor | None = None  # [canvas_len, vocab], lazily
         self._has_prev = torch.zeros(canvas_len, dtype=torch.bool)
+        self.num_locked = 0
+
+    def _confidence_gate(self, logp: torch.Tensor, in_z: torch.Tensor) -> torch.Tensor:
+        """Rows of Z among the `confidence_gate` fraction with the least uncertainty."""
+        zrows = in_z.nonzero().squeeze(-1)
+        gate = torch.zeros_like(in_z)
+        if zrows.numel():
+            uncertainty = 1.0 - logp[zrows].max(-1).values.exp()
+            keep = max(1, math.ceil(self.options.confidence_gate * zrows.numel()))
+            gate[zrows[torch.argsort(uncertainty, stable=True)[:keep]]] = True
+        return gate
 
     def candidates(self, masked: torch.Tensor) -> torch.Tensor:
         """Z as a bool mask: unlocked, unmasked (and not prompt unless lock_prompt)."""
@@ -136,25 +151,21 @@ class LockState:
             logp = torch.log_softmax(logits.float(), dim=-1)
         if self._prev_logp is None:
             self._prev_logp = torch.zeros(self.locked.shape[0], logp.shape[-1])
-        newly = torch.empty(0, dtype=torch.long)
+        newly = _EMPTY
         if self.options.enabled:
             in_z = z[positions]
-            zpos = positions[in_z]
-            if zpos.numel():
-                kl = torch.full((zpos.numel(),), math.inf)
-                seen = self._has_prev[zpos]
-                if seen.any():
-                    kl[seen] = stepwise_kl(logp[in_z][seen], self._prev_logp[zpos[seen]])
-                sure = kl <= self.options.eps
-                if self.options.confidence_gate is not None:
-                    uncertainty = 1.0 - logp[in_z].max(-1).values.exp()
-                    keep = max(1, math.ceil(self.options.confidence_gate * zpos.numel()))
-                    gate = torch.zeros_like(sure)
-                    gate[torch.argsort(uncertainty, stable=True)[:keep]] = True
-                    sure &= gate
-                newly = zpos[sure]
+            # KL of every row read (Z plus a few masked block rows: cheaper
+            # than gathering Z first); rows with no previous posterior (their
+            # first observation) never lock.
+            kl = stepwise_kl(logp, self._prev_logp[positions])
+            sure = in_z & self._has_prev[positions] & (kl < self.options.eps)
+            if self.options.confidence_gate is not None:
+                sure &= self._confidence_gate(logp, in_z)
+            newly = positions[sure]
+            if newly.numel():
                 self.locked[newly] = True
                 self.lock_step[newly] = step
+                self.num_locked += int(newly.numel())
         self._prev_logp[positions] = logp
         self._has_prev[positions] = True
         return newly

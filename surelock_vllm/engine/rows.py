@@ -68,20 +68,20 @@ def build_step_layout(requests: list[RequestRows], block_size: int) -> StepLayou
                 f"slots for a canvas of {canvas_len}"
             )
         q = req.query_positions
+        blocks = torch.tensor(req.block_ids, dtype=torch.long)
         input_ids.append(req.canvas[q])
         positions.append(q)
-        slots.append(slot_mapping_for(q, req.block_ids, block_size))
-        # Row index (within this step's flat rows) of each logit position.
-        row_of = torch.full((canvas_len,), -1, dtype=torch.long)
-        row_of[q] = torch.arange(q.shape[0]) + query_start[-1]
-        rows = row_of[req.logit_positions]
-        if (rows < 0).any():
+        slots.append(blocks[q // block_size] * block_size + q % block_size)
+        # Row index (within this step's flat rows) of each logit position;
+        # both position lists are ascending.
+        local = torch.searchsorted(q, req.logit_positions)
+        if local.numel() and (int(local[-1]) >= q.shape[0] or not torch.equal(q[local], req.logit_positions)):
             raise ValueError("a logit position is not among the query rows")
-        logit_rows.append(rows)
+        logit_rows.append(local + query_start[-1])
         query_start.append(query_start[-1] + q.shape[0])
-        logit_start.append(logit_start[-1] + rows.shape[0])
+        logit_start.append(logit_start[-1] + local.shape[0])
         seq_lens.append(canvas_len)
-        block_table[i, : len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.int32)
+        block_table[i, : len(req.block_ids)] = blocks
     query_lens = [b - a for a, b in zip(query_start, query_start[1:])]
     return StepLayout(
         input_ids=torch.cat(input_ids),

@@ -91,11 +91,12 @@ class DiffusionRunnerMixin:
         rows = []
         for req_id in req_ids:
             den = states[req_id].denoiser
+            plan = den.plan()
             rows.append(
                 RequestRows(
                     canvas=den.canvas,
-                    query_positions=den.query_positions(),
-                    logit_positions=den.logit_positions(),
+                    query_positions=plan.query_positions,
+                    logit_positions=plan.logit_positions,
                     block_ids=states[req_id].block_ids,
                 )
             )
@@ -119,7 +120,7 @@ class DiffusionRunnerMixin:
             lo, hi = layout.logit_start_loc[i], layout.logit_start_loc[i + 1]
             block_tokens = den.step(logits[lo:hi], None if logp is None else logp[lo:hi])
             sampled.append(block_tokens or [])
-            locked = 0 if den.lock is None else int(den.lock.locked.sum())
+            locked = 0 if den.lock is None else den.lock.num_locked
             step_stats[req_id] = dict(
                 rows=int(rows[i].query_positions.shape[0]),
                 canvas_len=den.canvas_len,
@@ -127,7 +128,8 @@ class DiffusionRunnerMixin:
                 locked=locked,
             )
             if not den.finished:
-                next_rows[req_id] = int(den.query_positions().shape[0])
+                # plans the next step now; the runner reuses it then
+                next_rows[req_id] = int(den.plan().query_positions.shape[0])
         if self._trace_enabled():
             self._record_trace(req_ids, rows, states)
         return DiffusionRunnerOutput(
