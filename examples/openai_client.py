@@ -22,10 +22,10 @@ def main() -> None:
 
     chat = client.chat.completions.create(
         model=model,
-        messages=[{"role": "user", "content": "What is 12 + 30?"}],
+        messages=[{"role": "user", "content": "What is 512 + 389?"}],
         max_tokens=64,
         temperature=0.0,
-        extra_body={"vllm_xargs": {"steps": 64, "block_length": 32, "surelock_eps": 5e-3}},
+        extra_body={"vllm_xargs": {"steps": 64, "block_length": 16, "surelock_eps": 5e-3}},
     )
     print("chat:", repr(chat.choices[0].message.content))
     stats = (chat.model_extra or {}).get("kv_transfer_params", {}).get("surelock")
@@ -34,12 +34,14 @@ def main() -> None:
               f"algorithmic FLOPs x{stats['flops_ratio']:.3f}")
 
     print("stream: ", end="", flush=True)
-    stream = client.completions.create(
-        model=model, prompt="Once upon a time", max_tokens=64, temperature=0.7, seed=1, stream=True,
-        extra_body={"vllm_xargs": {"steps": 32, "block_length": 16}},
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Uppercase: river stone light night"}],
+        max_tokens=64, temperature=0.0, stream=True,
+        extra_body={"vllm_xargs": {"steps": 64, "block_length": 16}},
     )
-    for chunk in stream:  # one chunk per finished block of 16 tokens
-        print(repr(chunk.choices[0].text), end=" ", flush=True)
+    for chunk in stream:  # text arrives one finished block (16 tokens) at a time
+        if chunk.choices and chunk.choices[0].delta.content:
+            print(repr(chunk.choices[0].delta.content), end=" ", flush=True)
     print()
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from surelock_vllm.patches import (
     cli_flags,
+    default_gen_length,
     request_validation,
     surelock_metrics,
     vllm_cpu_cli_version,
 )
 
-PATCHES = (cli_flags, request_validation, surelock_metrics, vllm_cpu_cli_version)
+PATCHES = (cli_flags, default_gen_length, request_validation, surelock_metrics, vllm_cpu_cli_version)
 
 
 def apply_all() -> None:

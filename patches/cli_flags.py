@@ -11,7 +11,8 @@ and folds them into `--additional-config '{"surelock": {...}}'` (the engine's
 only channel for plugin settings). `--diffusion-gen-length` (default 128, the
 LLaDA chat default) is the generation length of requests that give no
 max_tokens: it becomes the served model's default max_tokens
-(`--override-generation-config max_new_tokens`), unless the user set one.
+(`--override-generation-config max_new_tokens`), unless the user set one; the
+default_gen_length patch keeps vLLM from also using it as a cap.
 
 Why: vLLM has no `--plugin` flag, and `EngineArgs.from_cli_args` keeps only
 EngineArgs' own fields, so flags a plugin adds are dropped. vLLM loads general
@@ -29,6 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+from surelock_vllm.patches import default_gen_length
 
 SURELOCK_PLUGIN = "surelock"
 DEFAULT_GEN_LENGTH = 128
@@ -127,5 +130,8 @@ def fold_surelock_arguments(args: argparse.Namespace, engine_args) -> None:
     gen_length = getattr(args, "diffusion_gen_length", None)
     if plugins or gen_length is not None:
         override = dict(engine_args.override_generation_config or {})
-        override.setdefault("max_new_tokens", gen_length or DEFAULT_GEN_LENGTH)
+        if "max_new_tokens" not in override:
+            override["max_new_tokens"] = gen_length or DEFAULT_GEN_LENGTH
+            # vLLM also caps every request at max_new_tokens; ours is a default only
+            default_gen_length.plugin_default_max_tokens = override["max_new_tokens"]
         engine_args.override_generation_config = override

@@ -32,14 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "llada-tiny"
-
-QUESTIONS = [
-    "What is 17 + 25?", "Reverse the word 'diffusion'.", "Sort 5, 3, 9, 1.",
-    "Name three colours.", "Count the letters in 'banana'.", "What is 9 times 7?",
-    "Spell 'lock' backwards.", "List the even numbers below 10.", "What comes after Tuesday?",
-    "Repeat 'ab' three times.", "What is 100 - 37?", "Capitalise 'hello world'.",
-]
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "llada-small"
 
 
 @dataclass
@@ -57,10 +50,18 @@ class RunResult:
 
 
 def build_prompts(tokenizer, batch: int) -> list[list[int]]:
+    """Chat prompts of held-out task problems (the trained model's kind of input)."""
+    from surelock_vllm.tasks import heldout_problems
+
+    problems = heldout_problems()
+    # round-robin over the tasks, so every batch size mixes them
+    by_task: dict[str, list] = {}
+    for p in problems:
+        by_task.setdefault(p.task, []).append(p)
+    order = [by_task[t][i] for i in range(len(problems) // len(by_task)) for t in sorted(by_task)]
     prompts = []
-    for i in range(batch):
-        q = QUESTIONS[i % len(QUESTIONS)] + ("" if i < len(QUESTIONS) else f" ({i})")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+    for problem in order[:batch]:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], add_generation_prompt=True, tokenize=True)
         prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     return prompts
 

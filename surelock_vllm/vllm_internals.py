@@ -27,6 +27,9 @@ INTERNALS: list[tuple[str, str, str]] = [
      "appends a block's tokens and applies vLLM's stop checks (EOS, stop tokens, max_tokens)"),
     ("vllm.v1.core.sched.scheduler", "Scheduler._free_request",
      "frees a finished request's KV blocks"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler._preempt_request",
+     "recompute preemption under priority scheduling: frees blocks, requeues, records the event"),
+    ("vllm.v1.core.sched.request_queue", "SchedulingPolicy", "priority vs FCFS"),
     ("vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots",
      "allocates a whole canvas at admission"),
     ("vllm.v1.core.sched.output", "SchedulerOutput", "built by DiffusionScheduler.schedule"),
@@ -53,6 +56,14 @@ INTERNALS: list[tuple[str, str, str]] = [
      "writes rows' K/V to their slots; also used to locate a slot's elements for the trace"),
     ("vllm.model_executor.layers.attention", "Attention",
      "LLaDA layers pass attn_backend=...; the trace reads Attention.kv_cache and .impl"),
+    # patched by patches/ (each module says why and what would retire it)
+    ("vllm.engine.arg_utils", "EngineArgs.add_cli_args", "cli_flags: adds --plugin and the SureLock flags"),
+    ("vllm.engine.arg_utils", "EngineArgs.from_cli_args", "cli_flags: folds them into additional_config"),
+    ("vllm.entrypoints.serve.utils.api_utils", "get_max_tokens",
+     "default_gen_length: the plugin's max_new_tokens is a default, not a cap"),
+    ("vllm.v1.engine.input_processor", "InputProcessor.process_inputs", "request_validation: 400 before the engine"),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.__init__", "request_validation: only the API server validates up front"),
+    ("vllm.v1.engine.output_processor", "OutputProcessor.process_outputs", "surelock_metrics: counts finished requests"),
     ("vllm.v1.engine", "EngineCoreOutput",
      "kv_transfer_params carries per-request SureLock accounting to RequestOutput (no other per-request channel exists)"),
 ]
@@ -64,6 +75,8 @@ INSTANCE_ATTRIBUTES: list[tuple[str, str, str, str]] = [
     ("vllm.v1.core.sched.scheduler", "Scheduler", "finished_req_ids_dict", "__init__"),
     ("vllm.v1.core.sched.scheduler", "Scheduler", "max_num_scheduled_tokens", "__init__"),
     ("vllm.v1.core.sched.scheduler", "Scheduler", "max_num_running_reqs", "__init__"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "policy", "__init__"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "reset_preempted_req_ids", "__init__"),
 ]
 
 #: dataclass fields the plugin passes by name

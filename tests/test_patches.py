@@ -18,7 +18,8 @@ surelock_vllm.register()
 
 def test_all_patches_applied_once_registered():
     assert applied() == {
-        "cli_flags": True, "request_validation": True, "surelock_metrics": True, "vllm_cpu_cli_version": True,
+        "cli_flags": True, "default_gen_length": True, "request_validation": True, "surelock_metrics": True,
+        "vllm_cpu_cli_version": True,
     }
     surelock_vllm.register()  # idempotent
     from surelock_vllm.patches import apply_all
@@ -44,6 +45,34 @@ def test_plugin_flag_selects_plugins_and_turns_surelock_on(monkeypatch):
         "enabled": True, "eps": 0.01, "block_length": 16, "lock_prompt": False,
     }
     assert args.override_generation_config["max_new_tokens"] == cli_flags.DEFAULT_GEN_LENGTH
+
+
+def test_plugin_gen_length_is_a_default_not_a_cap(monkeypatch):
+    import inspect
+
+    from vllm.entrypoints.serve.utils import api_utils
+
+    from surelock_vllm.patches import default_gen_length
+
+    original = default_gen_length._original_get_max_tokens
+    assert list(inspect.signature(original).parameters)[:5] == [
+        "max_model_len", "max_tokens", "input_length", "default_sampling_params", "override_max_tokens"]
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    monkeypatch.setattr(default_gen_length, "plugin_default_max_tokens", None)
+    parse(["--model", MODEL, "--plugin", "surelock"])
+    assert default_gen_length.plugin_default_max_tokens == cli_flags.DEFAULT_GEN_LENGTH
+    defaults = {"max_tokens": 128}
+    # an explicit max_tokens is honoured (vLLM alone would cap it at 128)
+    assert api_utils.get_max_tokens(1024, 256, 20, defaults, 128) == 256
+    assert original(1024, 256, 20, defaults, 128) == 128
+    # no max_tokens: the diffusion default; the context still bounds everything
+    assert api_utils.get_max_tokens(1024, None, 20, defaults, 128) == 128
+    assert api_utils.get_max_tokens(1024, 4096, 20, defaults, 128) == 1004
+    # a max_new_tokens the user set keeps vLLM's cap semantics
+    monkeypatch.setattr(default_gen_length, "plugin_default_max_tokens", None)
+    parse(["--model", MODEL, "--plugin", "surelock", "--override-generation-config", '{"max_new_tokens": 64}'])
+    assert default_gen_length.plugin_default_max_tokens is None
+    assert api_utils.get_max_tokens(1024, 256, 20, {"max_tokens": 64}, 64) == 64
 
 
 def test_explicit_settings_win(monkeypatch):

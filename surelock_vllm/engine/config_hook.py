@@ -6,11 +6,11 @@ every engine that serves a LLaDA checkpoint, whichever entry point built it.
 
 from __future__ import annotations
 
-from vllm.logger import init_logger
+from surelock_vllm.log import get_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm.platforms import current_platform
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 SCHEDULER_CLS = "surelock_vllm.engine.scheduler.DiffusionScheduler"
 WORKER_CLS = {

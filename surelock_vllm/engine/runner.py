@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm.forward_context import set_forward_context
-from vllm.logger import init_logger
+from surelock_vllm.log import get_logger
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from surelock_vllm.diffusion.denoiser import CanvasDenoiser
@@ -28,7 +28,7 @@ from surelock_vllm.diffusion.surelock import SureLockOptions
 from surelock_vllm.engine.request_options import RESOLVED_KEY
 from surelock_vllm.engine.rows import RequestRows, StepLayout, build_step_layout
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -84,7 +84,7 @@ class DiffusionRunnerMixin:
     @torch.inference_mode()
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         self._update_diffusion_states(scheduler_output)
-        if scheduler_output.total_num_scheduled_tokens == 0:
+        if not scheduler_output.num_scheduled_tokens:
             return EMPTY_MODEL_RUNNER_OUTPUT
         states = self._diffusion_state()
         req_ids = list(scheduler_output.num_scheduled_tokens)
@@ -106,8 +106,18 @@ class DiffusionRunnerMixin:
                     f"request {req_id}: scheduler charged {scheduled} rows, "
                     f"runner computes {rows[-1].query_positions.shape[0]}"
                 )
-        layout = build_step_layout(rows, self.cache_config.block_size)
-        logits = self._run_rows(layout)
+        # A request can have no row to compute: with SureLock, once its block
+        # is fully unmasked and every position locked, the remaining steps of
+        # the block (steps > positions) compute nothing. It still takes the step.
+        computing = [i for i, r in enumerate(rows) if r.query_positions.numel()]
+        logit_bounds = [(0, 0)] * len(rows)
+        if computing:
+            layout = build_step_layout([rows[i] for i in computing], self.cache_config.block_size)
+            logits = self._run_rows(layout)
+            for k, i in enumerate(computing):
+                logit_bounds[i] = (layout.logit_start_loc[k], layout.logit_start_loc[k + 1])
+        else:
+            logits = torch.empty(0, self.model_config.get_vocab_size())
         # The lock test needs log-posteriors: one batched log_softmax per step.
         locking = any(states[r].denoiser.lock is not None for r in req_ids)
         logp = torch.log_softmax(logits, dim=-1) if locking else None
@@ -117,7 +127,7 @@ class DiffusionRunnerMixin:
         step_stats: dict[str, dict[str, int]] = {}
         for i, req_id in enumerate(req_ids):
             den = states[req_id].denoiser
-            lo, hi = layout.logit_start_loc[i], layout.logit_start_loc[i + 1]
+            lo, hi = logit_bounds[i]
             block_tokens = den.step(logits[lo:hi], None if logp is None else logp[lo:hi])
             sampled.append(block_tokens or [])
             locked = 0 if den.lock is None else den.lock.num_locked

@@ -7,8 +7,13 @@ and each step recomputes some rows of it. This scheduler keeps vLLM's request
 bookkeeping (queues, KV cache manager, aborts, stats) and replaces planning:
 
 * a request is admitted when its whole canvas fits in free KV blocks (allocated
-  once, so a running request never needs more blocks and is never preempted
-  for lack of them);
+  once, so a running request never needs more blocks: under FCFS nothing is
+  ever preempted, requests queue);
+* with `--scheduling-policy priority`, a waiting request that does not fit
+  preempts running requests of lower priority (vLLM's recompute preemption):
+  their blocks are freed, and when readmitted they denoise again from the
+  start with the same seed; the blocks they had already emitted are checked
+  against the recomputation and not sent twice;
 * each step charges a request the rows it will compute (`next_num_rows`
   reported by the runner: the whole canvas without locking, only the unlocked
   rows with SureLock) against `max_num_batched_tokens`;
@@ -23,8 +28,9 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from vllm.logger import init_logger
+from surelock_vllm.log import get_logger
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
@@ -33,7 +39,7 @@ from surelock_vllm.diffusion.options import DiffusionDefaults, InvalidDiffusionO
 from surelock_vllm.diffusion.surelock import ComputeLedger, ModelShape, SureLockOptions
 from surelock_vllm.engine.request_options import RESOLVED_KEY, resolve_request
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 
 class DiffusionScheduler(Scheduler):
@@ -55,6 +61,10 @@ class DiffusionScheduler(Scheduler):
         self.rejected: dict[str, str] = {}
         # their outputs, sent with the next step's results
         self.pending_error_outputs: list[tuple[int, EngineCoreOutput]] = []
+        # rows of a whole canvas, per request (a preempted request restarts with it)
+        self.canvas_rows: dict[str, int] = {}
+        # preempted requests: tokens already sent, which the recomputation replays
+        self.replay: dict[str, list[int]] = {}
 
     # -- arrival ----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -79,6 +89,7 @@ class DiffusionScheduler(Scheduler):
             gen_length = resolved["options"]["gen_length"]
             # The answer is at most the generated canvas.
             request.max_tokens = min(request.max_tokens, gen_length)
+            self.canvas_rows[request.request_id] = request.num_prompt_tokens + gen_length
             self.next_num_rows[request.request_id] = request.num_prompt_tokens + gen_length
             self.ledgers[request.request_id] = ComputeLedger()
         super().add_request(request)
@@ -119,6 +130,9 @@ class DiffusionScheduler(Scheduler):
             if rows > token_budget:
                 break
             blocks = self.kv_cache_manager.allocate_slots(request, rows)
+            while blocks is None and (victim := self._preemption_victim(request)) is not None:
+                token_budget += self._preempt(victim, num_scheduled, running)
+                blocks = self.kv_cache_manager.allocate_slots(request, rows)
             if blocks is None:
                 break  # KV cache full: wait for a running request to finish
             self.waiting.pop_request()
@@ -154,9 +168,54 @@ class DiffusionScheduler(Scheduler):
             scheduled_encoder_inputs={},
             finished_req_ids=self.finished_req_ids,
             free_encoder_mm_hashes=[],
+            preempted_req_ids=self.reset_preempted_req_ids,
         )
         self.finished_req_ids = set()
+        self.reset_preempted_req_ids = set()
         return output
+
+    # -- preemption (priority scheduling only) ------------------------------------
+    def _preemption_victim(self, request: Request) -> Request | None:
+        """The lowest-priority running request below `request`, if any.
+
+        Under FCFS nothing is preempted: running requests never need more
+        blocks, so preempting one would only restart it for a later arrival.
+        """
+        if self.policy != SchedulingPolicy.PRIORITY:
+            return None
+        key = (request.priority, request.arrival_time)
+        lower = [r for r in self.running if (r.priority, r.arrival_time) > key]
+        return max(lower, key=lambda r: (r.priority, r.arrival_time)) if lower else None
+
+    def _preempt(self, victim: Request, num_scheduled: dict[str, int], scheduled: list[Request]) -> int:
+        """Preempt `victim` (vLLM's recompute preemption); returns the rows it gave back."""
+        req_id = victim.request_id
+        self.running.remove(victim)
+        if victim in scheduled:
+            scheduled.remove(victim)
+        restored = num_scheduled.pop(req_id, 0)
+        # It denoises again from the start (same seed); what it already sent
+        # is replayed by the recomputation and not sent twice.
+        self.replay[req_id] = list(victim.output_token_ids)
+        self.next_num_rows[req_id] = self.canvas_rows[req_id]
+        self.ledgers[req_id] = ComputeLedger()  # accounting of the run that answers
+        logger.info("request %s preempted by a higher-priority request; it will restart", req_id)
+        self._preempt_request(victim, time.monotonic())  # frees blocks, back to waiting
+        return restored
+
+    def _skip_replayed(self, req_id: str, new_token_ids: list[int]) -> list[int]:
+        """Drop the tokens a preempted request had already sent before it restarted."""
+        replay = self.replay[req_id]
+        n = min(len(replay), len(new_token_ids))
+        if new_token_ids[:n] != replay[:n]:
+            logger.warning(
+                "request %s: after preemption, the recomputed tokens differ from those already "
+                "sent; the client keeps the first ones", req_id,
+            )
+        del replay[:n]
+        if not replay:
+            del self.replay[req_id]
+        return new_token_ids[n:]
 
     # -- results ----------------------------------------------------------------
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -172,6 +231,8 @@ class DiffusionScheduler(Scheduler):
                 self.ledgers[req_id].add_step(self.model_shape, **step_stats[req_id])
             index = model_runner_output.req_id_to_index[req_id]
             new_token_ids = list(model_runner_output.sampled_token_ids[index])
+            if new_token_ids and req_id in self.replay:
+                new_token_ids = self._skip_replayed(req_id, new_token_ids)
             stopped = False
             if new_token_ids:
                 new_token_ids, stopped = self._update_request_with_output(
@@ -292,6 +353,8 @@ class DiffusionScheduler(Scheduler):
 
     def _forget(self, req_id: str) -> None:
         self.next_num_rows.pop(req_id, None)
+        self.canvas_rows.pop(req_id, None)
+        self.replay.pop(req_id, None)
         self.rejected.pop(req_id, None)
         self.ledgers.pop(req_id, None)
 

@@ -50,9 +50,9 @@ def reference_generate_surelock(
             mask_index = x == mask_id
             active = (~lock.locked).nonzero().squeeze(-1)
             rows_per_step.append(int(active.numel()))
-            logits_active = model.forward_rows(x[active], active, caches)
-            logits = torch.full((x.shape[0], logits_active.shape[-1]), float("nan"))
-            logits[active] = logits_active
+            logits = torch.full((x.shape[0], model.config.vocab_size), float("nan"))
+            if active.numel():  # every row can be locked (more steps than positions to unmask)
+                logits[active] = model.forward_rows(x[active], active, caches)
             z = lock.candidates(mask_index)
             # posteriors needed: Z (lock test) and the block's masked rows (sampling)
             block_masked = mask_index.clone()
