@@ -1,6 +1,6 @@
 """Offline generation with LLaDA through vLLM (`LLM.generate`).
 
-    python examples/offline_generate.py                      # shipped trained small checkpoint
+    python examples/offline_generate.py                      # shipped tiny checkpoint
     python examples/offline_generate.py --model GSAI-ML/LLaDA-8B-Instruct --dtype bfloat16
 
 Diffusion options travel per request in `SamplingParams.extra_args`:
@@ -18,7 +18,7 @@ from vllm.platforms import current_platform
 from surelock_vllm.stats import surelock_stats
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-DEFAULT_MODEL = CHECKPOINTS / "llada-small"  # trained by surelock_vllm/tools/train_small.py
+DEFAULT_MODEL = CHECKPOINTS / "llada-tiny"
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
         extra_args={"steps": args.steps, "block_length": args.block_length, "remasking": "low_confidence",
                     "surelock": args.surelock},
     )
-    # The shipped model knows the tasks of surelock_vllm/tasks.py (problems it never saw in training).
+    # Problems of the kind surelock_vllm/tasks.py generates (the training data of a trained model).
     questions = ["What is 512 + 389?", "Reverse: surelock", "Sort: 7 1 8 2 8 3",
                  "Uppercase: river stone light", "Repeat ab 4 times.", "k=moon, q=fire, z=lake. What is q?"]
     conversations = [[{"role": "user", "content": q}] for q in questions]

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Serve LLaDA with SureLock through vLLM's OpenAI-compatible server.
 #
-#   examples/serve.sh                                   # shipped trained small checkpoint, CPU
+#   examples/serve.sh                                   # shipped tiny checkpoint, CPU
 #   MODEL=GSAI-ML/LLaDA-8B-Instruct DTYPE=bfloat16 examples/serve.sh   # GPU
 #
 # Then: python examples/openai_client.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL=${MODEL:-checkpoints/llada-small}
+MODEL=${MODEL:-checkpoints/llada-tiny}
 DTYPE=${DTYPE:-float32}
 EXTRA=()
 if ! nvidia-smi >/dev/null 2>&1; then

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "llada-small"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "llada-tiny"
 
 
 @dataclass
@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     configs: list[float | None] = [None, 0.0, *args.eps]
     report = {
         "command": "surelock-bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "model": args.model, "dtype": args.dtype, "device": describe_device(),
+        "model": os.path.relpath(args.model) if os.path.exists(args.model) else args.model,
+        "dtype": args.dtype, "device": describe_device(),
         "threads": torch.get_num_threads(), "cells": [],
     }
     failures: list[str] = []
@@ -224,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
                     if ref.tokens != results[eps].tokens[i]:
                         failures.append(f"gen {gen_length} batch {batch} eps {eps:g}: request {i} differs from the SureLock reference")
             n_ref = min(args.reference_requests, batch)
+            # vLLM's engine processes busy-poll their message queues for a
+            # second after the last request (shm_broadcast busy_loop_s); let
+            # them go idle so they do not share the cores with the reference.
+            time.sleep(2.0)
             with PeakRSS(include_self=True) as ref_mem:
                 t0 = time.perf_counter()
                 for i in range(n_ref):

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("docs/eval"))
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
+    if Path(args.model) == DEFAULT_MODEL and not (DEFAULT_MODEL / "config.json").exists():
+        parser.error(f"--model: no trained checkpoint at {DEFAULT_MODEL}; train one with `make train` "
+                     "(surelock_vllm/tools/train_small.py) or pass --model")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
 
     from tqdm import tqdm
@@ -80,13 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     walls: dict[float | None, list[float]] = {c: [] for c in configs}
     texts: dict[float | None, list[str]] = {}
     stats: dict[float | None, list[dict]] = {}
-    run_config(llm, conversations[:2], params(None))  # warm-up
-    with tqdm(total=len(configs) * args.repeats, desc="evaluate", unit="run") as bar:
-        for r in range(args.repeats):
-            for c in configs if r % 2 == 0 else list(reversed(configs)):
-                wall, texts[c], stats[c] = run_config(llm, conversations, params(c))
-                walls[c].append(wall)
-                bar.update()
+    try:
+        run_config(llm, conversations[:2], params(None))  # warm-up
+        with tqdm(total=len(configs) * args.repeats, desc="evaluate", unit="run") as bar:
+            for r in range(args.repeats):
+                for c in configs if r % 2 == 0 else list(reversed(configs)):
+                    wall, texts[c], stats[c] = run_config(llm, conversations, params(c))
+                    walls[c].append(wall)
+                    bar.update()
+    finally:
+        llm.llm_engine.engine_core.shutdown()  # stop the engine processes now
 
     nolock_wall = statistics.median(walls[None])
     report = {

@@ -6,9 +6,10 @@ every engine that serves a LLaDA checkpoint, whichever entry point built it.
 
 from __future__ import annotations
 
-from surelock_vllm.log import get_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm.platforms import current_platform
+
+from surelock_vllm.log import get_logger
 
 logger = get_logger(__name__)
 

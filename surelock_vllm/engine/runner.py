@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm.forward_context import set_forward_context
-from surelock_vllm.log import get_logger
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from surelock_vllm.diffusion.denoiser import CanvasDenoiser
@@ -27,6 +26,7 @@ from surelock_vllm.diffusion.options import DiffusionOptions
 from surelock_vllm.diffusion.surelock import SureLockOptions
 from surelock_vllm.engine.request_options import RESOLVED_KEY
 from surelock_vllm.engine.rows import RequestRows, StepLayout, build_step_layout
+from surelock_vllm.log import get_logger
 
 logger = get_logger(__name__)
 

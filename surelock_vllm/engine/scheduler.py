@@ -28,7 +28,6 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from surelock_vllm.log import get_logger
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -38,6 +37,7 @@ from vllm.v1.request import Request, RequestStatus
 from surelock_vllm.diffusion.options import DiffusionDefaults, InvalidDiffusionOption
 from surelock_vllm.diffusion.surelock import ComputeLedger, ModelShape, SureLockOptions
 from surelock_vllm.engine.request_options import RESOLVED_KEY, resolve_request
+from surelock_vllm.log import get_logger
 
 logger = get_logger(__name__)
 

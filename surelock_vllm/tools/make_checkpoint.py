@@ -41,6 +41,9 @@ PRESETS = {
     # head_dim 32: the smallest head size vLLM's CPU attention kernel takes.
     "tiny": dict(d_model=128, n_heads=4, n_layers=2, mlp_hidden_size=256),
     "small": dict(d_model=256, n_heads=8, n_layers=4, mlp_hidden_size=688),
+    # the trained model (tools/train_small.py): wider heads and rope_theta 1e4 give
+    # a 4-layer model the positional resolution its copy/reverse tasks need
+    "trained": dict(d_model=256, n_heads=4, n_layers=4, mlp_hidden_size=688, rope_theta=10000.0),
 }
 
 
@@ -117,7 +120,7 @@ def llada_config(tokenizer, preset: dict, max_sequence_length: int) -> dict:
         "rms_norm_eps": 1e-05,
         "rope": True,
         "rope_full_precision": True,
-        "rope_theta": 500000.0,
+        "rope_theta": preset.get("rope_theta", 500000.0),
         "scale_logits": False,
         "torch_dtype": "bfloat16",
         "transformers_version": "4.46.3",

@@ -1,0 +1,42 @@
+"""`surelock-eval` end to end through the vLLM plugin, on the tiny checkpoint and a few problems."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import CHECKPOINT
+from surelock_vllm import evaluate
+from surelock_vllm.tasks import TASKS
+
+pytestmark = pytest.mark.engine
+
+
+def test_evaluation_writes_table_json_and_plots(tmp_path):
+    out = tmp_path / "eval"
+    assert evaluate.main(["--model", str(CHECKPOINT), "--per-task", "2", "--eps", "5e-3", "0.5",
+                          "--repeats", "1", "--gen-length", "32", "--steps", "32", "--block-length", "16",
+                          "--out-dir", str(out)]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["problems"] == 2 * len(TASKS)
+    labels = [r["label"] for r in report["runs"]]
+    assert labels == ["no-lock", "eps=0.005", "eps=0.5"]
+    nolock, small, large = report["runs"]
+    assert nolock["agreement_with_nolock"] == 1.0 and nolock["flops_ratio"] == 1.0
+    assert nolock["rows"] == nolock["rows_nolock"]
+    # locking computes fewer rows, more so with the larger eps
+    assert large["rows"] <= small["rows"] < small["rows_nolock"]
+    assert 0 < large["flops_ratio"] <= small["flops_ratio"] < 1
+    assert set(small["accuracy_per_task"]) == set(TASKS)
+    table = (out / "eval.md").read_text()
+    assert "| eps=0.5 |" in table and "exact match" in table
+    assert (out / "stepwise_flops_ratio.png").stat().st_size > 0
+    assert (out / "accuracy_vs_flops.png").stat().st_size > 0
+
+
+def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(evaluate, "DEFAULT_MODEL", tmp_path / "not-trained")
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(tmp_path / "not-trained")])
+    assert "make train" in capsys.readouterr().err
