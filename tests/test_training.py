@@ -80,3 +80,9 @@ def test_training_smoke_run_writes_a_loadable_checkpoint(tmp_path):
     train_small.main([str(out2), "--preset", "tiny", "--steps", "4", "--batch-size", "4",
                       "--eval-every", "0", "--save-every", "0", "--cpu"])
     assert (out / "model.safetensors").read_bytes() == (out2 / "model.safetensors").read_bytes()
+    # --init-from continues from a checkpoint's weights
+    out3 = tmp_path / "ckpt3"
+    train_small.main([str(out3), "--preset", "tiny", "--steps", "1", "--batch-size", "2", "--lr", "0",
+                      "--warmup", "1", "--eval-every", "0", "--save-every", "0", "--cpu", "--init-from", str(out)])
+    for name, value in LLaDAReferenceLM.from_pretrained(out3).state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name

@@ -169,6 +169,9 @@ def train(args) -> Path:
     config = LLaDAConfig(**config_dict)
     model = LLaDAReferenceLM(config)
     _init_weights(model, config, args.seed)
+    if args.init_from is not None:
+        # continue from a checkpoint's weights (fresh optimizer and schedule)
+        model.load_state_dict(LLaDAReferenceLM.from_pretrained(args.init_from).state_dict())
     model.to(device).train()
     encoder = ExampleEncoder(tokenizer, args.response_length)
     heldout = heldout_problems()
@@ -243,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=1000, help="probe exact match every N steps (0: never)")
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even where CUDA is present")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from this checkpoint's weights (same --preset) instead of a fresh init")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     random.seed(args.seed)
