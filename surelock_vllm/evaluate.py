@@ -25,7 +25,7 @@ from pathlib import Path
 from surelock_vllm.tasks import TASKS, heldout_problems, is_correct
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "llada-small"
-DEFAULT_EPS = [5e-4, 5e-3, 2e-2, 5e-2, 0.2, 0.5]
+DEFAULT_EPS = [5e-4, 1e-3, 5e-3, 5e-2, 0.5, 2.0, 10.0]
 
 
 def run_config(llm, conversations, params):
@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--confidence-gate", type=float, default=None,
                         help="also require this confidence before locking (surelock_confidence_gate)")
     parser.add_argument("--per-task", type=int, default=50, help="held-out problems per task (at most 50)")
-    parser.add_argument("--gen-length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--block-length", type=int, default=16)
+    parser.add_argument("--gen-length", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--block-length", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out-dir", type=Path, default=Path("docs/eval"))
     parser.add_argument("--no-plots", action="store_true")

@@ -31,6 +31,12 @@ def test_training_stream_never_yields_a_heldout_prompt():
     # ...while the unfiltered generator does produce some of them (the filter is doing work)
     rng = random.Random(0)
     assert heldout & {make_problem(rng).prompt for _ in range(20000)}
+    # a task subset (train_small --tasks) draws from those tasks only
+    subset = training_stream(seed=0, exclude=heldout, tasks=["add", "upper"])
+    assert {next(subset).task for _ in range(200)} == {"add", "upper"}
+    weighted = training_stream(seed=0, exclude=heldout, tasks=["add", "upper"], weights={"add": 4.0})
+    drawn_tasks = [next(weighted).task for _ in range(1000)]
+    assert 0.7 < drawn_tasks.count("add") / len(drawn_tasks) < 0.9  # 4:1
 
 
 def test_answers_are_checkable_and_fit_the_response():
@@ -68,7 +74,8 @@ def test_batched_training_forward_matches_the_reference_forward(small_model):
 
 def test_training_smoke_run_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "ckpt"
-    train_small.main([str(out), "--preset", "tiny", "--steps", "4", "--batch-size", "4",
+    # two steps of the curriculum's first phase, two of the full mix
+    train_small.main([str(out), "--preset", "tiny", "--steps", "4", "--batch-size", "4", "--first-steps", "2",
                       "--eval-every", "0", "--save-every", "0", "--cpu"])
     log = json.loads((out / "training_log.json").read_text())
     losses = [e["loss"] for e in log["log"]]
@@ -77,7 +84,7 @@ def test_training_smoke_run_writes_a_loadable_checkpoint(tmp_path):
     assert model.config.mask_token_id == build_tokenizer().mask_token_id
     # deterministic for a seed: the same run gives the same weights
     out2 = tmp_path / "ckpt2"
-    train_small.main([str(out2), "--preset", "tiny", "--steps", "4", "--batch-size", "4",
+    train_small.main([str(out2), "--preset", "tiny", "--steps", "4", "--batch-size", "4", "--first-steps", "2",
                       "--eval-every", "0", "--save-every", "0", "--cpu"])
     assert (out / "model.safetensors").read_bytes() == (out2 / "model.safetensors").read_bytes()
     # --init-from continues from a checkpoint's weights

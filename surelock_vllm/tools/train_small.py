@@ -1,13 +1,25 @@
 """Train the shipped small LLaDA-format model with LLaDA's SFT objective.
 
-    python -m surelock_vllm.tools.train_small checkpoints/llada-small      # ~1 h on 2 CPU cores
+    python -m surelock_vllm.tools.train_small out/llada-small-stage1       # ~55 min on 2 CPU cores
     python -m surelock_vllm.tools.train_small /tmp/smoke --steps 5         # smoke run
+
+The shipped checkpoints/llada-small is that run continued for 5,000 steps with
+more addition and lookup problems (`make train` runs both stages; the
+Makefile's TRAIN_STAGE2 has the second stage's flags).
 
 The data are generated problems with exactly checkable answers
 (`surelock_vllm.tasks`). Each example is the chat-templated prompt followed by
 a response of exactly `--response-length` tokens: the answer, `<|eot_id|>`,
 then `<|endoftext|>` padding, as in LLaDA's SFT, so at inference the model
 fills a `gen_length = response_length` canvas with the answer and EOS.
+
+Curriculum: the first `--first-steps` steps draw only `--first-tasks`
+(default: 1,000 steps of uppercasing, a pure copy task). A small masked
+diffusion model learns to copy from the prompt (attention that lines up an
+answer position with its source position) abruptly, after a few hundred steps
+of a copy task on its own; in the full mix the same circuit had not formed
+after 3,000 steps. From then on all tasks are mixed, the ones that need more
+than copying (addition, sorting, reversal) drawn twice as often.
 
 Objective (LLaDA, SFT): the prompt is kept; every response token is masked
 with probability p = (1 - 1e-3) t + 1e-3, t ~ U(0, 1) per example (stratified
@@ -36,10 +48,12 @@ import torch.nn.functional as F
 
 from surelock_vllm.configuration_llada import LLaDAConfig
 from surelock_vllm.reference.modeling import LLaDAReferenceLM, apply_rotary, rotary_cos_sin
-from surelock_vllm.tasks import Problem, heldout_problems, is_correct, training_stream
+from surelock_vllm.tasks import TASKS, Problem, heldout_problems, is_correct, training_stream
 from surelock_vllm.tools.make_checkpoint import PRESETS, build_tokenizer, llada_config, write_checkpoint
 
 MASK_EPS = 1e-3  # LLaDA's floor on the masking probability
+# after the curriculum's first phase: tasks that need more than copying come up twice as often
+TASK_WEIGHTS = {"add": 2.0, "sort": 2.0, "reverse": 2.0}
 
 
 class ExampleEncoder:
@@ -175,15 +189,18 @@ def train(args) -> Path:
     model.to(device).train()
     encoder = ExampleEncoder(tokenizer, args.response_length)
     heldout = heldout_problems()
-    stream = training_stream(args.seed, exclude={p.prompt for p in heldout})
-    probe = [p for i, p in enumerate(heldout) if i % 10 == 0]  # 5 per task
+    exclude = {p.prompt for p in heldout}
+    first_stream = training_stream(args.seed, exclude, tasks=args.first_tasks)
+    stream = training_stream(args.seed + 1, exclude, tasks=args.tasks, weights=args.task_weights)
+    probe = [p for i, p in enumerate(heldout) if i % 10 == 0 and (not args.tasks or p.task in args.tasks)]
     generator = torch.Generator().manual_seed(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     log: list[dict] = []
     start = time.perf_counter()
     bar = tqdm(range(args.steps), desc="train", unit="step")
     for step in bar:
-        examples = [(encoder.prompt_ids(p), encoder.response_ids(p)) for p in (next(stream) for _ in range(args.batch_size))]
+        source = first_stream if step < args.first_steps else stream
+        examples = [(encoder.prompt_ids(p), encoder.response_ids(p)) for p in (next(source) for _ in range(args.batch_size))]
         ids, valid, response = make_batch(examples, tokenizer.eos_token_id)
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
@@ -223,11 +240,23 @@ def _save(model: LLaDAReferenceLM, args, log: list[dict]) -> Path:
     meta = {
         "command": "python -m surelock_vllm.tools.train_small " + " ".join(args.argv),
         "preset": args.preset, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
-        "lr": args.lr, "response_length": args.response_length, "device": str(next(model.parameters()).device),
-        "log": log,
+        "lr": args.lr, "response_length": args.response_length, "first_tasks": args.first_tasks,
+        "first_steps": args.first_steps, "task_weights": args.task_weights,
+        "init_from": None if args.init_from is None else str(args.init_from),
+        "device": str(next(model.parameters()).device), "log": log,
     }
+    earlier = None if args.init_from is None else Path(args.init_from) / "training_log.json"
+    if earlier is not None and earlier.exists():
+        meta["init_from_training_log"] = json.loads(earlier.read_text())  # the run this one continued
     (Path(args.out) / "training_log.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out
+
+
+def _task_weight(text: str) -> tuple[str, float]:
+    task, _, weight = text.partition("=")
+    if task not in TASKS or not weight:
+        raise argparse.ArgumentTypeError(f"expected TASK=WEIGHT with TASK one of {sorted(TASKS)}, got {text!r}")
+    return task, float(weight)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,19 +265,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="trained")
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=7000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--response-length", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--response-length", type=int, default=32)
     parser.add_argument("--max-sequence-length", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=1000, help="probe exact match every N steps (0: never)")
     parser.add_argument("--save-every", type=int, default=500)
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=None,
+                        help="after the first phase, train on these tasks only (default: all)")
+    parser.add_argument("--first-tasks", nargs="+", choices=sorted(TASKS), default=["upper"],
+                        help="the curriculum's first phase draws only these tasks")
+    parser.add_argument("--first-steps", type=int, default=1000, help="length of the first phase (0: none)")
+    parser.add_argument("--task-weights", nargs="+", type=_task_weight, default=None, metavar="TASK=WEIGHT",
+                        help=f"odds of each task after the first phase (default {TASK_WEIGHTS}, others 1)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even where CUDA is present")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint's weights (same --preset) instead of a fresh init")
     args = parser.parse_args(argv)
+    args.task_weights = dict(args.task_weights) if args.task_weights else dict(TASK_WEIGHTS)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     random.seed(args.seed)
     path = train(args)
