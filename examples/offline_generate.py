@@ -1,6 +1,6 @@
 """Offline generation with LLaDA through vLLM (`LLM.generate`).
 
-    python examples/offline_generate.py                      # shipped tiny checkpoint
+    python examples/offline_generate.py                      # the shipped trained model (checkpoints/llada-small)
     python examples/offline_generate.py --model GSAI-ML/LLaDA-8B-Instruct --dtype bfloat16
 
 Diffusion options travel per request in `SamplingParams.extra_args`:
@@ -18,16 +18,17 @@ from vllm.platforms import current_platform
 from surelock_vllm.stats import surelock_stats
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-DEFAULT_MODEL = CHECKPOINTS / "llada-tiny"
+DEFAULT_MODEL = CHECKPOINTS / "llada-small"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--gen-length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--block-length", type=int, default=16)
+    # llada-small was trained on 32-token responses: 4 blocks of 8, one token per step
+    parser.add_argument("--gen-length", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--block-length", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--no-surelock", dest="surelock", action="store_false", help="denoise without locking")
     args = parser.parse_args()
@@ -40,8 +41,8 @@ def main() -> None:
         extra_args={"steps": args.steps, "block_length": args.block_length, "remasking": "low_confidence",
                     "surelock": args.surelock},
     )
-    # Problems of the kind surelock_vllm/tasks.py generates (the training data of a trained model).
-    questions = ["What is 512 + 389?", "Reverse: surelock", "Sort: 7 1 8 2 8 3",
+    # Problems of the kinds surelock_vllm/tasks.py generates: the tasks llada-small was trained on.
+    questions = ["What is 58 + 67?", "Reverse: vllm", "Sort: 7 1 8 2 3",
                  "Uppercase: river stone light", "Repeat ab 4 times.", "k=moon, q=fire, z=lake. What is q?"]
     conversations = [[{"role": "user", "content": q}] for q in questions]
     outputs = llm.chat(conversations, params)

@@ -22,10 +22,10 @@ def main() -> None:
 
     chat = client.chat.completions.create(
         model=model,
-        messages=[{"role": "user", "content": "What is 512 + 389?"}],
-        max_tokens=64,
+        messages=[{"role": "user", "content": "Reverse: vllm"}],
+        max_tokens=32,  # the shipped model (examples/serve.sh) was trained on 32-token answers
         temperature=0.0,
-        extra_body={"vllm_xargs": {"steps": 64, "block_length": 16, "surelock_eps": 5e-3}},
+        extra_body={"vllm_xargs": {"steps": 32, "block_length": 8, "surelock_eps": 5e-3}},
     )
     print("chat:", repr(chat.choices[0].message.content))
     stats = (chat.model_extra or {}).get("kv_transfer_params", {}).get("surelock")
@@ -36,10 +36,10 @@ def main() -> None:
     print("stream: ", end="", flush=True)
     stream = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "Uppercase: river stone light night"}],
-        max_tokens=64, temperature=0.0, stream=True,
-        extra_body={"vllm_xargs": {"steps": 64, "block_length": 16}},
+        max_tokens=32, temperature=0.0, stream=True,
+        extra_body={"vllm_xargs": {"steps": 32, "block_length": 8}},
     )
-    for chunk in stream:  # text arrives one finished block (16 tokens) at a time
+    for chunk in stream:  # text arrives one finished block (8 tokens) at a time
         if chunk.choices and chunk.choices[0].delta.content:
             print(repr(chunk.choices[0].delta.content), end=" ", flush=True)
     print()
