@@ -125,9 +125,13 @@ def aggregate(stats: list[dict]) -> dict:
     total["dense_ratio"] = total["dense_flops"] / total["dense_flops_nolock"]
     total["attention_ratio"] = total["attention_flops"] / total["attention_flops_nolock"]
     total["rows_ratio"] = total["rows"] / total["rows_nolock"]
-    # per step, averaged over requests: locked fraction, and computed/no-lock rows (Figure 2)
-    n = min(len(s["locked_fraction"]) for s in stats)
-    total["locked_fraction_per_step"] = [round(statistics.fmean(s["locked_fraction"][i] for s in stats), 4) for i in range(n)]
+    # per step, averaged over the requests still running at that step (a request stops at
+    # the block of its first stop token): locked fraction (Figure 2)
+    n = max(len(s["locked_fraction"]) for s in stats)
+    total["locked_fraction_per_step"] = [
+        round(statistics.fmean(s["locked_fraction"][i] for s in stats if len(s["locked_fraction"]) > i), 4)
+        for i in range(n)
+    ]
     return total
 
 

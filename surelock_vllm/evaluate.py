@@ -197,7 +197,7 @@ def plot_eval(report: dict, out: Path) -> list[Path]:
     for r in runs:
         locked = r["locked_fraction_per_step"]
         ratio = [1.0] + [1.0 - f for f in locked[:-1]]
-        ax.plot([i / len(ratio) for i in range(len(ratio))], ratio, label=r["label"])
+        ax.plot([i / report["steps"] for i in range(len(ratio))], ratio, label=r["label"])
     ax.set_xlabel("denoising progress (step / steps)")
     ax.set_ylabel("FLOPs vs no-lock, per step")
     ax.set_ylim(0, 1.05)

@@ -10,9 +10,8 @@ from conftest import CHECKPOINT
 from surelock_vllm import evaluate
 from surelock_vllm.tasks import TASKS
 
-pytestmark = pytest.mark.engine
 
-
+@pytest.mark.engine
 def test_evaluation_writes_table_json_and_plots(tmp_path, monkeypatch):
     # the CLI binds the worker to every core for its own process; undo that after the test
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
@@ -42,3 +41,15 @@ def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--model", str(tmp_path / "not-trained")])
     assert "make train" in capsys.readouterr().err
+
+
+def test_stepwise_locked_fraction_averages_the_requests_still_running():
+    from surelock_vllm.bench import aggregate
+
+    def stats(fractions):
+        return {"rows": 1, "rows_nolock": 2, "dense_flops": 1, "dense_flops_nolock": 2, "attention_flops": 1,
+                "attention_flops_nolock": 2, "lm_head_flops": 0, "steps": len(fractions), "locked_fraction": fractions}
+
+    # a request that stopped after 2 steps (its answer ended in the first block) does not cut the curve short
+    total = aggregate([stats([0.0, 0.5]), stats([0.0, 0.3, 0.6, 0.8])])
+    assert total["locked_fraction_per_step"] == [0.0, 0.4, 0.6, 0.8]
