@@ -14,6 +14,7 @@ import torch
 from conftest import FIXTURES, REPO, make_llm, shutdown_llm
 
 from surelock_vllm.diffusion.options import DiffusionOptions
+from surelock_vllm.evaluate import _first_per_task
 from surelock_vllm.reference.modeling import LLaDAReferenceLM
 from surelock_vllm.reference.sampler import reference_generate
 from surelock_vllm.stats import surelock_stats
@@ -35,12 +36,7 @@ def llm():
 
 @pytest.fixture(scope="module")
 def problems():
-    chosen, counts = [], {}
-    for p in heldout_problems():
-        if counts.get(p.task, 0) < 3:
-            counts[p.task] = counts.get(p.task, 0) + 1
-            chosen.append(p)
-    return chosen
+    return _first_per_task(heldout_problems(), 3)
 
 
 def _params(**extra):

@@ -91,5 +91,7 @@ def test_training_smoke_run_writes_a_loadable_checkpoint(tmp_path):
     out3 = tmp_path / "ckpt3"
     train_small.main([str(out3), "--preset", "tiny", "--steps", "1", "--batch-size", "2", "--lr", "0",
                       "--warmup", "1", "--eval-every", "0", "--save-every", "0", "--cpu", "--init-from", str(out)])
+    # ...and its training log keeps the log of the run it continued
+    assert json.loads((out3 / "training_log.json").read_text())["init_from_training_log"] == log
     for name, value in LLaDAReferenceLM.from_pretrained(out3).state_dict().items():
         assert torch.equal(value, model.state_dict()[name]), name

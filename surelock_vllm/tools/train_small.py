@@ -190,6 +190,8 @@ def train(args) -> Path:
     encoder = ExampleEncoder(tokenizer, args.response_length)
     heldout = heldout_problems()
     exclude = {p.prompt for p in heldout}
+    earlier = None if args.init_from is None else Path(args.init_from) / "training_log.json"
+    earlier_log = json.loads(earlier.read_text()) if earlier is not None and earlier.exists() else None
     first_stream = training_stream(args.seed, exclude, tasks=args.first_tasks)
     stream = training_stream(args.seed + 1, exclude, tasks=args.tasks, weights=args.task_weights)
     probe = [p for i, p in enumerate(heldout) if i % 10 == 0 and (not args.tasks or p.task in args.tasks)]
@@ -216,8 +218,8 @@ def train(args) -> Path:
             tqdm.write(f"step {step + 1}: loss {loss.item():.3f}, probe exact match {entry['probe_accuracy']}")
         log.append(entry)
         if args.save_every and (step + 1) % args.save_every == 0:
-            _save(model, args, log)
-    return _save(model, args, log)
+            _save(model, args, log, earlier_log)
+    return _save(model, args, log, earlier_log)
 
 
 def _init_weights(model: LLaDAReferenceLM, config: LLaDAConfig, seed: int) -> None:
@@ -234,7 +236,7 @@ def _init_weights(model: LLaDAReferenceLM, config: LLaDAConfig, seed: int) -> No
             param.copy_(torch.randn(param.shape, generator=g) * std)
 
 
-def _save(model: LLaDAReferenceLM, args, log: list[dict]) -> Path:
+def _save(model: LLaDAReferenceLM, args, log: list[dict], earlier_log: dict | None) -> Path:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out = write_checkpoint(args.out, args.preset, args.seed, args.max_sequence_length, state_dict=state)
     meta = {
@@ -245,9 +247,8 @@ def _save(model: LLaDAReferenceLM, args, log: list[dict]) -> Path:
         "init_from": None if args.init_from is None else str(args.init_from),
         "device": str(next(model.parameters()).device), "log": log,
     }
-    earlier = None if args.init_from is None else Path(args.init_from) / "training_log.json"
-    if earlier is not None and earlier.exists():
-        meta["init_from_training_log"] = json.loads(earlier.read_text())  # the run this one continued
+    if earlier_log is not None:
+        meta["init_from_training_log"] = earlier_log  # the run this one continued
     (Path(args.out) / "training_log.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out
 
