@@ -5,8 +5,8 @@ generator of `Problem(task, prompt, answer)` from a `random.Random`. Answers
 run from 2 to 21 bytes (the tokenizer is byte-level), so with the end-of-turn
 token they cover up to three of the four 8-token blocks of a 32-token
 generation. The sizes were cut down until a 4-layer model trained on the CPU
-(tools/train_small.py) learned most of them; addition and lookup are still
-weak after that training (docs/eval/eval.md). Plain Python, no torch or vLLM.
+(tools/train_small.py) learned most of them; after that training lookup
+is still at chance (docs/eval/eval.md). Plain Python, no torch or vLLM.
 
 Held-out problems come from their own seed, and the training stream skips any
 prompt that is in the held-out set, so evaluation never sees a training item.

@@ -69,7 +69,8 @@ def test_shipped_model_answers_heldout_problems(llm, problems):
     outs = _chat(llm, problems, surelock=False)
     correct = [is_correct(p, o.outputs[0].text) for p, o in zip(problems, outs)]
     per_task = {t: sum(c for p, c in zip(problems, correct) if p.task == t) for t in TASKS}
-    # 75.7% exact match on the whole held-out set (docs/eval/eval.md); copy tasks are solid, addition is weak
+    # 82.7% exact match on the whole held-out set (docs/eval/eval.md), 13 of these 18;
+    # copy tasks are solid, lookup is at chance
     assert sum(correct) >= 0.6 * len(problems), per_task
     assert all(per_task[t] >= 2 for t in ("repeat", "reverse", "sort", "upper")), per_task
     # the answer ends at the first stop token, like LLaDA's chat use

@@ -3,9 +3,11 @@
     python -m surelock_vllm.tools.train_small out/llada-small-stage1       # ~55 min on 2 CPU cores
     python -m surelock_vllm.tools.train_small /tmp/smoke --steps 5         # smoke run
 
-The shipped checkpoints/llada-small is that run continued for 5,000 steps with
-more addition and lookup problems (`make train` runs both stages; the
-Makefile's TRAIN_STAGE2 has the second stage's flags).
+The shipped checkpoints/llada-small is that run continued twice with
+`--init-from`: 5,000 steps with more addition and lookup problems, then 4,500
+with addition and lookup drawn 6x as often as each other task (`make train`
+runs the three stages; the Makefile's TRAIN_STAGE2 and TRAIN_STAGE3 have the
+flags).
 
 The data are generated problems with exactly checkable answers
 (`surelock_vllm.tasks`). Each example is the chat-templated prompt followed by
