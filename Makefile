@@ -46,8 +46,9 @@ eval: setup
 # the last one's weights: 7,000 steps of the curriculum (stage 1: the train
 # script's defaults), 5,000 that draw the slowest tasks (addition, lookup) more
 # often, then 4,500 that draw addition and lookup 6x as often as the others
-TRAIN_STAGE2 := --first-steps 0 --steps 5000 --lr 5e-4 --warmup 100 --task-weights add=4 lookup=3 sort=2 reverse=1.5
-TRAIN_STAGE3 := --first-steps 0 --steps 4500 --lr 5e-4 --warmup 100 --task-weights add=6 lookup=6
+TRAIN_CONTINUE := --first-steps 0 --lr 5e-4 --warmup 100
+TRAIN_STAGE2 := $(TRAIN_CONTINUE) --steps 5000 --task-weights add=4 lookup=3 sort=2 reverse=1.5
+TRAIN_STAGE3 := $(TRAIN_CONTINUE) --steps 4500 --task-weights add=6 lookup=6
 train: setup
 	$(VENV)/bin/surelock-train out/llada-small-stage1
 	$(VENV)/bin/surelock-train out/llada-small-stage2 --init-from out/llada-small-stage1 $(TRAIN_STAGE2)

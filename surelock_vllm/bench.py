@@ -52,6 +52,7 @@ class RunResult:
 def build_prompts(tokenizer, batch: int) -> list[list[int]]:
     """Chat prompts of held-out task problems (the trained model's kind of input)."""
     from surelock_vllm.tasks import heldout_problems
+    from surelock_vllm.tools.make_checkpoint import chat_prompt_ids
 
     problems = heldout_problems()
     # round-robin over the tasks, so every batch size mixes them
@@ -59,11 +60,7 @@ def build_prompts(tokenizer, batch: int) -> list[list[int]]:
     for p in problems:
         by_task.setdefault(p.task, []).append(p)
     order = [by_task[t][i] for i in range(len(problems) // len(by_task)) for t in sorted(by_task)]
-    prompts = []
-    for problem in order[:batch]:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], add_generation_prompt=True, tokenize=True)
-        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
-    return prompts
+    return [chat_prompt_ids(tokenizer, problem.prompt) for problem in order[:batch]]
 
 
 def sampling_params(gen_length: int, block_length: int, eps: float | None):

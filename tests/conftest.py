@@ -15,6 +15,9 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_PLUGINS", "surelock")
 
+# after the environment above: huggingface_hub reads HF_HUB_OFFLINE when it is imported
+from surelock_vllm.tools.make_checkpoint import chat_prompt_ids  # noqa: E402  (the tests' prompt builder)
+
 
 def engine_kwargs(**overrides) -> dict:
     """The settings every test engine uses on this 2-core CPU machine."""
@@ -65,13 +68,6 @@ def mask_id() -> int:
     import json
 
     return json.loads((CHECKPOINT / "config.json").read_text())["mask_token_id"]
-
-
-def chat_prompt_ids(tokenizer, message: str) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=True
-    )
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 PROMPTS = [

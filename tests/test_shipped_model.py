@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import FIXTURES, REPO, make_llm, shutdown_llm
+from conftest import FIXTURES, REPO, chat_prompt_ids, make_llm, shutdown_llm
 
 from surelock_vllm.diffusion.options import DiffusionOptions
 from surelock_vllm.evaluate import _first_per_task
@@ -98,7 +98,6 @@ def test_engine_matches_the_reference_sampler_on_the_trained_model(llm, problems
     conversations = [[{"role": "user", "content": p.prompt}] for p in picked]
     params = SamplingParams(max_tokens=GEN["gen_length"], temperature=0.0, ignore_eos=True, extra_args={**GEN, "surelock": False})
     outs = llm.chat(conversations, params, use_tqdm=False)
-    for conv, out in zip(conversations, outs):
-        prompt = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
-        prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    for problem, out in zip(picked, outs):
+        prompt = chat_prompt_ids(tokenizer, problem.prompt)
         assert list(out.outputs[0].token_ids) == reference_generate(model, prompt, options, model.config.mask_token_id)

@@ -71,6 +71,15 @@ def build_tokenizer():
     return fast
 
 
+def chat_prompt_ids(tokenizer, message: str) -> list[int]:
+    """Token ids of one user turn plus the assistant header, as `LLM.chat` builds the prompt."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=True
+    )
+    # some transformers versions return a BatchEncoding here, others a plain list
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def llada_config(tokenizer, preset: dict, max_sequence_length: int) -> dict:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = len(tokenizer)

@@ -51,7 +51,9 @@ import torch.nn.functional as F
 from surelock_vllm.configuration_llada import LLaDAConfig
 from surelock_vllm.reference.modeling import LLaDAReferenceLM, apply_rotary, rotary_cos_sin
 from surelock_vllm.tasks import TASKS, Problem, heldout_problems, is_correct, training_stream
-from surelock_vllm.tools.make_checkpoint import PRESETS, build_tokenizer, llada_config, write_checkpoint
+from surelock_vllm.tools.make_checkpoint import (
+    PRESETS, build_tokenizer, chat_prompt_ids, llada_config, write_checkpoint,
+)
 
 MASK_EPS = 1e-3  # LLaDA's floor on the masking probability
 # after the curriculum's first phase: tasks that need more than copying come up twice as often
@@ -68,10 +70,7 @@ class ExampleEncoder:
         self.eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
 
     def prompt_ids(self, problem: Problem) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": problem.prompt}], add_generation_prompt=True, tokenize=True
-        )
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return chat_prompt_ids(self.tokenizer, problem.prompt)
 
     def response_ids(self, problem: Problem) -> list[int]:
         answer = self.tokenizer.encode(problem.answer, add_special_tokens=False) + [self.eot]
