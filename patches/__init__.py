@@ -16,9 +16,13 @@ from surelock_vllm.patches import (
     request_validation,
     surelock_metrics,
     vllm_cpu_cli_version,
+    vllm_xargs_booleans,
 )
 
-PATCHES = (cli_flags, default_gen_length, request_validation, surelock_metrics, vllm_cpu_cli_version)
+PATCHES = (
+    cli_flags, default_gen_length, request_validation, surelock_metrics, vllm_cpu_cli_version,
+    vllm_xargs_booleans,
+)
 
 
 def apply_all() -> None:

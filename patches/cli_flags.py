@@ -7,6 +7,7 @@ What: adds to every vLLM engine command line (`vllm serve`, `vllm bench`, ...)
   --surelock / --no-surelock    SureLock on/off by default
   --surelock-eps, --surelock-confidence-gate, --surelock-lock-prompt
   --diffusion-block-length, --diffusion-remasking, --diffusion-gen-length
+  --diffusion-max-gen-length, --diffusion-max-steps   (per-request limits)
 and folds them into `--additional-config '{"surelock": {...}}'` (the engine's
 only channel for plugin settings). `--diffusion-gen-length` (default 128, the
 LLaDA chat default) is the generation length of requests that give no
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 
+from surelock_vllm.diffusion.options import DiffusionLimits
 from surelock_vllm.patches import default_gen_length
 
 SURELOCK_PLUGIN = "surelock"
@@ -52,6 +54,14 @@ _FLAGS = (
      dict(type=int, default=None, help="default block length (default 32)")),
     ("--diffusion-remasking", "diffusion_remasking", "remasking",
      dict(choices=["low_confidence", "random"], default=None, help="default remasking (default low_confidence)")),
+    ("--diffusion-max-gen-length", "diffusion_max_gen_length", "max_gen_length",
+     dict(type=int, default=None,
+          help="largest generation length (max_tokens / gen_length) a request may ask for; "
+          f"larger ones get a 400 (default {DiffusionLimits.max_gen_length})")),
+    ("--diffusion-max-steps", "diffusion_max_steps", "max_steps",
+     dict(type=int, default=None,
+          help="most denoising steps a request may ask for; more get a 400 "
+          f"(default {DiffusionLimits.max_steps}; steps are also at most gen_length)")),
 )
 
 _original_add_cli_args = None

@@ -1,4 +1,4 @@
-"""Patch: `--diffusion-gen-length` is a default for requests without max_tokens, not a cap.
+"""Patch: a diffusion request's max_tokens is a default, not a cap, and never silently clamped.
 
 What: the OpenAI server computes each request's max_tokens with
 `vllm.entrypoints.serve.utils.api_utils.get_max_tokens`, which takes the
@@ -10,6 +10,13 @@ max_tokens gets that many (up to the context), one that gives none gets the
 diffusion default. A `max_new_tokens` the user set themselves
 (`--override-generation-config`, the model's generation_config.json) keeps
 vLLM's cap semantics.
+
+When the server serves LLaDA (request_validation.serving_llada), a request
+whose prompt plus generation length exceeds the context is refused with a
+400 naming `max_tokens`, where vLLM would cut max_tokens to what fits: for a
+diffusion request the length is the canvas, and cutting it changes the block
+layout (and with it the answer) without telling the client. The same length
+given as `vllm_xargs.gen_length` is refused by the request validation.
 
 Why: a masked-diffusion request pays for its whole canvas (prompt +
 gen_length) at every step, so vLLM's fallback for requests without max_tokens
@@ -43,10 +50,17 @@ def apply() -> None:
 
     def get_max_tokens(max_model_len, max_tokens, input_length, default_sampling_params,
                        override_max_tokens=None, truncate_prompt_tokens=None):
+        from surelock_vllm.patches import request_validation
+
         if plugin_default_max_tokens is not None and override_max_tokens == plugin_default_max_tokens:
             override_max_tokens = None  # a default, not a cap
-        return _original_get_max_tokens(max_model_len, max_tokens, input_length, default_sampling_params,
-                                        override_max_tokens, truncate_prompt_tokens)
+        result = _original_get_max_tokens(max_model_len, max_tokens, input_length, default_sampling_params,
+                                          override_max_tokens, truncate_prompt_tokens)
+        if request_validation.serving_llada:
+            wanted = max_tokens if max_tokens is not None else default_sampling_params.get("max_tokens")
+            if wanted is not None and result < wanted and result == max_model_len - input_length:
+                _refuse_overflow(max_model_len, input_length, wanted, given=max_tokens is not None)
+        return result
 
     get_max_tokens._surelock_patch = True
     api_utils.get_max_tokens = get_max_tokens
@@ -55,6 +69,17 @@ def apply() -> None:
     for name, module in list(sys.modules.items()):
         if name.startswith("vllm.") and vars(module).get("get_max_tokens") is _original_get_max_tokens:
             module.get_max_tokens = get_max_tokens
+
+
+def _refuse_overflow(max_model_len: int, input_length: int, wanted: int, given: bool) -> None:
+    from vllm.exceptions import VLLMValidationError
+
+    what = "max_tokens" if given else "the default generation length (no max_tokens given)"
+    raise VLLMValidationError(
+        f"prompt ({input_length} tokens) + {what} ({wanted}) = {input_length + wanted} exceeds "
+        f"the model's context length {max_model_len}; a diffusion canvas is not cut to fit",
+        parameter="max_tokens",
+    )
 
 
 def is_applied() -> bool:

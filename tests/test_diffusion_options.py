@@ -5,6 +5,7 @@ import pytest
 from surelock_vllm.diffusion.denoiser import transfer_schedule
 from surelock_vllm.diffusion.options import (
     DiffusionDefaults,
+    DiffusionLimits,
     DiffusionOptions,
     InvalidDiffusionOption,
 )
@@ -49,6 +50,21 @@ def test_server_defaults_apply():
         ({"gen_lenght": 32}, 32, 0.0, "gen_lenght"),
         ({}, None, 0.0, "gen_length"),
         ({}, 32, -1.0, "temperature"),
+        ({}, 32, float("nan"), "temperature"),
+        # every step unmasks at least one position: steps <= gen_length
+        ({"steps": 33}, 32, 0.0, "steps"),
+        ({"steps": 64, "block_length": 16}, 32, 0.0, "steps"),
+        ({"steps": 4611686018427387904, "block_length": 8}, 32, 0.0, "steps"),
+        # numbers only: JSON booleans and floats are not step counts
+        ({"steps": True}, 32, 0.0, "steps"),
+        ({"steps": 16.0}, 32, 0.0, "steps"),
+        ({"steps": 4e7}, 32, 0.0, "steps"),
+        ({"gen_length": True}, 32, 0.0, "gen_length"),
+        ({"block_length": False}, 32, 0.0, "block_length"),
+        # the server's limits (defaults: 1024 each)
+        ({"gen_length": 2048}, 32, 0.0, "gen_length"),
+        ({}, 2048, 0.0, "max_tokens"),
+        ({}, True, 0.0, "max_tokens"),
     ],
 )
 def test_invalid_options_name_the_option(extra, max_tokens, temperature, option):
@@ -58,13 +74,55 @@ def test_invalid_options_name_the_option(extra, max_tokens, temperature, option)
     assert f"'{option}'" in str(err.value)
 
 
+def test_server_limits_bound_steps_and_length():
+    limits = DiffusionLimits.from_mapping({"max_gen_length": 64, "max_steps": 16})
+    assert resolve({"steps": 16}, max_tokens=64, limits=limits).steps == 16
+    with pytest.raises(InvalidDiffusionOption, match="max_steps=16") as err:
+        resolve({"steps": 32}, max_tokens=64, limits=limits)
+    assert err.value.option == "steps"
+    # the default steps (= gen_length) is bounded by the same limit
+    with pytest.raises(InvalidDiffusionOption, match="max_steps=16"):
+        resolve({}, max_tokens=64, limits=limits)
+    with pytest.raises(InvalidDiffusionOption, match="max_gen_length=64") as err:
+        resolve({"gen_length": 96, "steps": 3}, max_tokens=None, limits=limits)
+    assert err.value.option == "gen_length"
+    with pytest.raises(InvalidDiffusionOption, match="max_steps"):
+        DiffusionLimits.from_mapping({"max_steps": 0})
+
+
 def test_bad_server_default_is_refused():
     with pytest.raises(InvalidDiffusionOption, match="remasking"):
         DiffusionDefaults.from_mapping({"remasking": "nope"})
 
 
-@pytest.mark.parametrize("n,steps", [(32, 32), (32, 5), (8, 3), (7, 7), (3, 5)])
+@pytest.mark.parametrize("n,steps", [(32, 32), (32, 5), (8, 3), (7, 7), (3, 3)])
 def test_transfer_schedule_is_llada_even_split(n, steps):
     s = transfer_schedule(n, steps)
     assert sum(s) == n and len(s) == steps
     assert max(s) - min(s) <= 1 and s == sorted(s, reverse=True)
+
+
+def test_server_settings_parse_once_and_refuse_unknown_keys():
+    from surelock_vllm.engine.settings import SERVER_SETTING_KEYS, ServerSettings
+
+    settings = ServerSettings.from_mapping({"block_length": 16, "max_steps": 64, "eps": 0.1, "enabled": True})
+    assert settings.diffusion.block_length == 16 and settings.limits.max_steps == 64
+    assert settings.limits.max_gen_length == DiffusionLimits.max_gen_length
+    assert settings.surelock.enabled and settings.surelock.eps == 0.1
+    assert {"max_gen_length", "max_steps", "block_length", "eps", "trace"} <= set(SERVER_SETTING_KEYS)
+    with pytest.raises(ValueError, match="max_step"):
+        ServerSettings.from_mapping({"max_step": 64})
+    with pytest.raises(InvalidDiffusionOption, match="max_gen_length"):
+        ServerSettings.from_mapping({"max_gen_length": -1})
+
+
+@pytest.mark.parametrize("key", ["_surelock_resolved", "_anything"])
+def test_internal_keys_are_refused(key):
+    from vllm import SamplingParams
+
+    from surelock_vllm.engine.request_options import resolve_request
+
+    params = SamplingParams(max_tokens=32, extra_args={key: {"options": {"steps": 1}}})
+    with pytest.raises(InvalidDiffusionOption, match="internal key") as err:
+        resolve_request(params, 8, max_model_len=1024, max_rows_per_step=2048)
+    assert err.value.option == key

@@ -123,8 +123,12 @@ def test_invalid_option_fails_alone(llm, ref_model, tokenizer, mask_id):
         ({"gen_length": 32, "block_length": 7}, "block_length"),
         ({"gen_length": 32, "block_length": 8, "steps": 2}, "steps"),
         ({"gen_length": 32, "remasking": "top_p"}, "remasking"),
-        ({"gen_length": 2000}, "gen_length"),  # canvas beyond max_model_len
+        ({"gen_length": 1024}, "gen_length"),  # prompt + 1024 beyond max_model_len
+        ({"gen_length": 2000}, "gen_length"),  # beyond the server's max_gen_length
         ({"gen_length": 32, "stepz": 4}, "stepz"),
+        ({"gen_length": 32, "steps": 4611686018427387904, "block_length": 8}, "steps"),  # > gen_length
+        ({"gen_length": 32, "steps": True}, "steps"),
+        ({"gen_length": 32, "_surelock_resolved": {"seed": 1}}, "_surelock_resolved"),
     ]
     prompt = chat_prompt_ids(tokenizer, "Hi")
     sps = [params(good)] + [params(e, max_tokens=32) for e, _ in bad] + [params(good)]

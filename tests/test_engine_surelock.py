@@ -177,11 +177,11 @@ def test_budget_counts_computed_rows(llm, tokenizer):
     assert max_requests_per_step({**base, "surelock": True, "surelock_eps": 5e-2}) == 4
 
 
-def test_steps_with_nothing_to_compute_still_advance(llm, ref_model, tokenizer, mask_id):
-    # More steps than positions per block, and an eps that locks every unmasked
-    # position at once: once a block is unmasked, its extra steps compute no row
-    # at all (every request of the batch may be idle in the same step).
-    extra = {"gen_length": 32, "steps": 64, "block_length": 16, "surelock": True, "surelock_eps": 10.0}
+def test_most_aggressive_locking_still_computes_every_step(llm, ref_model, tokenizer, mask_id):
+    # An eps that locks every unmasked position at its first measured KL. Steps
+    # never outnumber positions (steps <= gen_length is enforced), so every
+    # step still computes the current block's masked rows: no step is idle.
+    extra = {"gen_length": 32, "steps": 32, "block_length": 16, "surelock": True, "surelock_eps": 10.0}
     prompts = [chat_prompt_ids(tokenizer, p) for p in PROMPTS[:2]]
     outs, traces = run(llm, prompts, params(extra))
     options = diffusion_options(extra)
@@ -189,4 +189,5 @@ def test_steps_with_nothing_to_compute_still_advance(llm, ref_model, tokenizer, 
         ref = reference_generate_surelock(ref_model, prompt, options, SureLockOptions(enabled=True, eps=10.0), mask_id)
         assert list(out.outputs[0].token_ids) == ref.tokens
         rows = [len(r["query_positions"]) for r in trace]
-        assert rows == ref.rows_per_step and 0 in rows and len(rows) == 64
+        assert rows == ref.rows_per_step and len(rows) == 32
+        assert min(rows) >= 1 and rows[-1] < len(prompt) // 2  # the prompt is locked by the end

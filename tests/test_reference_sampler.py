@@ -40,7 +40,6 @@ def run_denoiser(model, prompt, options, mask_id, seed):
         ({"gen_length": 24, "steps": 6, "block_length": 24}, 0.0),
         ({"gen_length": 32, "steps": 16, "block_length": 8}, 0.8),
         ({"gen_length": 32, "steps": 16, "block_length": 8, "remasking": "random"}, 0.5),
-        ({"gen_length": 16, "steps": 32, "block_length": 8}, 0.0),  # steps > positions
     ],
 )
 def test_denoiser_matches_reference(model, tokenizer, mask_id, extra, temperature):

@@ -1,12 +1,20 @@
 """Per-request diffusion options: parsing, defaults and validation.
 
 Options arrive as a flat dict (`SamplingParams.extra_args` offline,
-`vllm_xargs` on the OpenAI server). Server-wide defaults come from
-`--additional-config '{"surelock": {...}}'`. Every error names the option.
+`vllm_xargs` on the OpenAI server). Server-wide defaults and limits come from
+`--additional-config '{"surelock": {...}}'` (or the `--diffusion-*` flags).
+Every error names the option.
+
+Every number a client chooses is bounded here, before the request is
+admitted: `gen_length` by the server's `max_gen_length` (and, by the caller,
+the context), `steps` by `gen_length` (each step unmasks at least one
+position) and by the server's `max_steps`. A request's work is therefore at
+most `max_steps` steps over one canvas.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
@@ -49,6 +57,22 @@ class DiffusionDefaults:
 
 
 @dataclass(frozen=True)
+class DiffusionLimits:
+    """Server-wide caps on what one request may ask for (`--diffusion-max-*`)."""
+
+    max_gen_length: int = 1024
+    max_steps: int = 1024
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> "DiffusionLimits":
+        values = dict(values or {})
+        limits = cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+        for f in fields(cls):
+            _check_positive_int(f.name, getattr(limits, f.name))
+        return limits
+
+
+@dataclass(frozen=True)
 class DiffusionOptions:
     gen_length: int
     steps: int
@@ -75,6 +99,7 @@ class DiffusionOptions:
         max_tokens: int | None,
         temperature: float,
         defaults: DiffusionDefaults = DiffusionDefaults(),
+        limits: DiffusionLimits = DiffusionLimits(),
         ignore_keys: frozenset[str] = frozenset(),
     ) -> "DiffusionOptions":
         """Options of one request, validated; raises InvalidDiffusionOption.
@@ -90,12 +115,19 @@ class DiffusionOptions:
                 name, f"unknown option; known options: {sorted(OPTION_HELP)}"
             )
 
+        gen_key = "gen_length" if "gen_length" in args else "max_tokens"
         gen_length = args.get("gen_length", max_tokens)
         if gen_length is None:
             raise InvalidDiffusionOption(
                 "gen_length", "set gen_length or max_tokens"
             )
-        _check_positive_int("gen_length", gen_length)
+        _check_positive_int(gen_key, gen_length)
+        if gen_length > limits.max_gen_length:
+            raise InvalidDiffusionOption(
+                gen_key,
+                f"the generation length {gen_length} exceeds this server's "
+                f"max_gen_length={limits.max_gen_length} (--diffusion-max-gen-length)",
+            )
 
         if "block_length" in args:
             block_length = args["block_length"]
@@ -113,6 +145,18 @@ class DiffusionOptions:
 
         steps = args.get("steps", gen_length)
         _check_positive_int("steps", steps)
+        if steps > gen_length:
+            raise InvalidDiffusionOption(
+                "steps",
+                f"steps={steps} exceeds gen_length={gen_length}: every step "
+                f"unmasks at least one position",
+            )
+        if steps > limits.max_steps:
+            raise InvalidDiffusionOption(
+                "steps",
+                f"steps={steps} exceeds this server's max_steps={limits.max_steps} "
+                f"(--diffusion-max-steps)",
+            )
         if steps < num_blocks:
             raise InvalidDiffusionOption(
                 "steps",
@@ -127,8 +171,8 @@ class DiffusionOptions:
             )
         remasking = args.get("remasking", defaults.remasking)
         _check_remasking(remasking)
-        if temperature < 0:
-            raise InvalidDiffusionOption("temperature", "must be >= 0")
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise InvalidDiffusionOption("temperature", f"must be a finite number >= 0, got {temperature!r}")
         return cls(
             gen_length=gen_length,
             steps=steps,

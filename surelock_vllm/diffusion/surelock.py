@@ -229,6 +229,9 @@ class ComputeLedger:
     attention_flops_nolock: int = 0
     lm_head_flops: int = 0
     locked_fraction: list[float] | None = None
+    # engine steps from the request's arrival to its last step, waiting and
+    # steps it sat out included (set by the scheduler; steps <= engine_steps)
+    engine_steps: int = 0
 
     def add_step(self, shape: ModelShape, rows: int, canvas_len: int, logit_rows: int, locked: int) -> None:
         self.steps += 1

@@ -11,13 +11,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from surelock_vllm.diffusion.options import (
-    DiffusionDefaults,
-    DiffusionOptions,
-    InvalidDiffusionOption,
-)
+from surelock_vllm.diffusion.options import DiffusionOptions, InvalidDiffusionOption
 from surelock_vllm.diffusion.surelock import REQUEST_KEYS as SURELOCK_KEYS
-from surelock_vllm.diffusion.surelock import SureLockOptions
+from surelock_vllm.engine.settings import ServerSettings
 
 RESOLVED_KEY = "_surelock_resolved"
 
@@ -28,21 +24,27 @@ def resolve_request(
     *,
     max_model_len: int,
     max_rows_per_step: int,
-    defaults: DiffusionDefaults,
-    surelock_defaults: SureLockOptions = SureLockOptions(),
+    settings: ServerSettings = ServerSettings(),
 ) -> dict[str, Any]:
-    """Validated options and seed; raises InvalidDiffusionOption naming the option."""
+    """Validated options and seed; raises InvalidDiffusionOption naming the option.
+
+    Called on the client's own parameters (the API server's validation, then
+    the scheduler on arrival), before the engine has added anything.
+    """
     check_supported_sampling(sampling_params)
     extra = dict(sampling_params.extra_args or {})
-    extra.pop(RESOLVED_KEY, None)
+    for key in extra:
+        if isinstance(key, str) and key.startswith("_"):
+            raise InvalidDiffusionOption(key, "internal key, set by the engine; requests may not set it")
     options = DiffusionOptions.resolve(
         extra,
         max_tokens=sampling_params.max_tokens,
         temperature=sampling_params.temperature,
-        defaults=defaults,
+        defaults=settings.diffusion,
+        limits=settings.limits,
         ignore_keys=frozenset(SURELOCK_KEYS),
     )
-    surelock = surelock_defaults.resolve(extra)
+    surelock = settings.surelock.resolve(extra)
     canvas_len = prompt_len + options.gen_length
     gen_key = "gen_length" if "gen_length" in extra else "max_tokens"
     if canvas_len > max_model_len:

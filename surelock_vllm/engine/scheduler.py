@@ -17,6 +17,11 @@ bookkeeping (queues, KV cache manager, aborts, stats) and replaces planning:
 * each step charges a request the rows it will compute (`next_num_rows`
   reported by the runner: the whole canvas without locking, only the unlocked
   rows with SureLock) against `max_num_batched_tokens`;
+* no request starves another: running requests are offered the step's row
+  budget least recently scheduled first, and a waiting request that did not
+  fit the budget is admitted before the running ones at the next step, so a
+  canvas near the context takes turns with short requests instead of holding
+  the budget until it finishes;
 * requests join and leave between diffusion steps (continuous batching at
   step granularity);
 * a request whose diffusion options are invalid finishes with an error naming
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
@@ -34,37 +40,47 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
-from surelock_vllm.diffusion.options import DiffusionDefaults, InvalidDiffusionOption
-from surelock_vllm.diffusion.surelock import ComputeLedger, ModelShape, SureLockOptions
+from surelock_vllm.diffusion.options import InvalidDiffusionOption
+from surelock_vllm.diffusion.surelock import ComputeLedger, ModelShape
 from surelock_vllm.engine.request_options import RESOLVED_KEY, resolve_request
+from surelock_vllm.engine.settings import ServerSettings
 from surelock_vllm.log import get_logger
 
 logger = get_logger(__name__)
 
 
+@dataclass
+class DiffusionRequestRecord:
+    """What the scheduler keeps per admitted diffusion request."""
+
+    canvas_rows: int  # rows of the whole canvas (a preempted request restarts with it)
+    next_num_rows: int  # rows it computes at its next step (its budget charge)
+    arrival_step: int  # engine steps run before it arrived
+    last_scheduled_step: int  # engine step it was last scheduled in (fairness order)
+    # rows and FLOPs computed vs. the no-lock sampler
+    ledger: ComputeLedger = field(default_factory=ComputeLedger)
+    # after a preemption: tokens already sent, which the recomputation replays
+    replay: list[int] = field(default_factory=list)
+
+
 class DiffusionScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        settings = server_settings(self.vllm_config)
-        self.diffusion_defaults = DiffusionDefaults.from_mapping(settings)
-        self.surelock_defaults = SureLockOptions.from_defaults(settings)
+        self.settings = ServerSettings.from_vllm_config(self.vllm_config)
         self.model_shape = ModelShape.from_config(self.vllm_config.model_config.hf_config)
-        # per request: rows and FLOPs computed vs. the no-lock sampler
-        self.ledgers: dict[str, ComputeLedger] = {}
+        self.records: dict[str, DiffusionRequestRecord] = {}
+        # engine steps that scheduled anything, since the engine started
+        self.engine_step = 0
+        # the waiting request that did not fit the last step's row budget
+        self._budget_blocked: str | None = None
         # all requests finished since the engine started, for the log line
         self.totals = ComputeLedger()
         self.finished_count = 0
         self._last_log = time.monotonic()
-        # rows each running request computes at its next step
-        self.next_num_rows: dict[str, int] = {}
         # requests refused at arrival: req_id -> error message
         self.rejected: dict[str, str] = {}
         # their outputs, sent with the next step's results
         self.pending_error_outputs: list[tuple[int, EngineCoreOutput]] = []
-        # rows of a whole canvas, per request (a preempted request restarts with it)
-        self.canvas_rows: dict[str, int] = {}
-        # preempted requests: tokens already sent, which the recomputation replays
-        self.replay: dict[str, list[int]] = {}
 
     # -- arrival ----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -77,8 +93,7 @@ class DiffusionScheduler(Scheduler):
                 request.num_prompt_tokens,
                 max_model_len=self.max_model_len,
                 max_rows_per_step=self.max_num_scheduled_tokens,
-                defaults=self.diffusion_defaults,
-                surelock_defaults=self.surelock_defaults,
+                settings=self.settings,
             )
             self._check_fits_kv_cache(request, resolved["options"]["gen_length"], params)
         except InvalidDiffusionOption as err:
@@ -89,9 +104,13 @@ class DiffusionScheduler(Scheduler):
             gen_length = resolved["options"]["gen_length"]
             # The answer is at most the generated canvas.
             request.max_tokens = min(request.max_tokens, gen_length)
-            self.canvas_rows[request.request_id] = request.num_prompt_tokens + gen_length
-            self.next_num_rows[request.request_id] = request.num_prompt_tokens + gen_length
-            self.ledgers[request.request_id] = ComputeLedger()
+            canvas_rows = request.num_prompt_tokens + gen_length
+            self.records[request.request_id] = DiffusionRequestRecord(
+                canvas_rows=canvas_rows,
+                next_num_rows=canvas_rows,
+                arrival_step=self.engine_step,
+                last_scheduled_step=self.engine_step,
+            )
         super().add_request(request)
 
     def _check_fits_kv_cache(self, request: Request, gen_length: int, params) -> None:
@@ -110,37 +129,28 @@ class DiffusionScheduler(Scheduler):
     # -- planning ---------------------------------------------------------------
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         self._finish_rejected()
-        token_budget = self.max_num_scheduled_tokens
-        num_scheduled: dict[str, int] = {}
-        running: list[Request] = []
-
-        # Running requests first, in arrival order; one that does not fit this
-        # step waits (its KV blocks stay allocated) and goes first next time.
-        for request in self.running:
-            rows = self.next_num_rows[request.request_id]
-            if rows <= token_budget:
-                num_scheduled[request.request_id] = rows
-                token_budget -= rows
-                running.append(request)
-
-        new_requests: list[Request] = []
-        while self.waiting and len(self.running) < self.max_num_running_reqs:
-            request = self.waiting.peek_request()
-            rows = self.next_num_rows[request.request_id]
-            if rows > token_budget:
-                break
-            blocks = self.kv_cache_manager.allocate_slots(request, rows)
-            while blocks is None and (victim := self._preemption_victim(request)) is not None:
-                token_budget += self._preempt(victim, num_scheduled, running)
-                blocks = self.kv_cache_manager.allocate_slots(request, rows)
-            if blocks is None:
-                break  # KV cache full: wait for a running request to finish
-            self.waiting.pop_request()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            new_requests.append(request)
-            num_scheduled[request.request_id] = rows
-            token_budget -= rows
+        plan = _StepPlan(self.max_num_scheduled_tokens)
+        # A waiting request that the budget turned away last step goes first
+        # now, so that running requests cannot keep it out for good.
+        admit_first = bool(self.waiting) and self.waiting.peek_request().request_id == self._budget_blocked
+        if admit_first:
+            self._admit_waiting(plan)
+        # Running requests, least recently scheduled first (arrival order
+        # among equals); one that does not fit this step waits (its KV blocks
+        # stay allocated) and comes first next time.
+        for request in sorted(self.running, key=lambda r: self.records[r.request_id].last_scheduled_step):
+            if request.request_id in plan.num_scheduled:
+                continue  # admitted above
+            rows = self.records[request.request_id].next_num_rows
+            if rows <= plan.token_budget:
+                plan.add(request, rows)
+        if not admit_first:
+            self._admit_waiting(plan)
+        num_scheduled, running, new_requests = plan.num_scheduled, plan.running, plan.new_requests
+        if num_scheduled:
+            self.engine_step += 1
+            for req_id in num_scheduled:
+                self.records[req_id].last_scheduled_step = self.engine_step
 
         new_reqs_data = [
             NewRequestData.from_request(
@@ -174,6 +184,27 @@ class DiffusionScheduler(Scheduler):
         self.reset_preempted_req_ids = set()
         return output
 
+    def _admit_waiting(self, plan: "_StepPlan") -> None:
+        """Admit waiting requests, in queue order, while rows and KV blocks last."""
+        while self.waiting and len(self.running) < self.max_num_running_reqs:
+            request = self.waiting.peek_request()
+            rows = self.records[request.request_id].next_num_rows
+            if rows > plan.token_budget:
+                self._budget_blocked = request.request_id
+                break
+            blocks = self.kv_cache_manager.allocate_slots(request, rows)
+            while blocks is None and (victim := self._preemption_victim(request)) is not None:
+                self._preempt(victim, plan)
+                blocks = self.kv_cache_manager.allocate_slots(request, rows)
+            if blocks is None:
+                break  # KV cache full: wait for a running request to finish
+            self.waiting.pop_request()
+            if self._budget_blocked == request.request_id:
+                self._budget_blocked = None
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            plan.add(request, rows, new=True)
+
     # -- preemption (priority scheduling only) ------------------------------------
     def _preemption_victim(self, request: Request) -> Request | None:
         """The lowest-priority running request below `request`, if any.
@@ -187,25 +218,23 @@ class DiffusionScheduler(Scheduler):
         lower = [r for r in self.running if (r.priority, r.arrival_time) > key]
         return max(lower, key=lambda r: (r.priority, r.arrival_time)) if lower else None
 
-    def _preempt(self, victim: Request, num_scheduled: dict[str, int], scheduled: list[Request]) -> int:
-        """Preempt `victim` (vLLM's recompute preemption); returns the rows it gave back."""
+    def _preempt(self, victim: Request, plan: "_StepPlan") -> None:
+        """Preempt `victim` (vLLM's recompute preemption); its rows go back to the budget."""
         req_id = victim.request_id
         self.running.remove(victim)
-        if victim in scheduled:
-            scheduled.remove(victim)
-        restored = num_scheduled.pop(req_id, 0)
+        plan.remove(victim)
+        record = self.records[req_id]
         # It denoises again from the start (same seed); what it already sent
         # is replayed by the recomputation and not sent twice.
-        self.replay[req_id] = list(victim.output_token_ids)
-        self.next_num_rows[req_id] = self.canvas_rows[req_id]
-        self.ledgers[req_id] = ComputeLedger()  # accounting of the run that answers
+        record.replay = list(victim.output_token_ids)
+        record.next_num_rows = record.canvas_rows
+        record.ledger = ComputeLedger()  # accounting of the run that answers
         logger.info("request %s preempted by a higher-priority request; it will restart", req_id)
         self._preempt_request(victim, time.monotonic())  # frees blocks, back to waiting
-        return restored
 
     def _skip_replayed(self, req_id: str, new_token_ids: list[int]) -> list[int]:
         """Drop the tokens a preempted request had already sent before it restarted."""
-        replay = self.replay[req_id]
+        replay = self.records[req_id].replay
         n = min(len(replay), len(new_token_ids))
         if new_token_ids[:n] != replay[:n]:
             logger.warning(
@@ -213,8 +242,6 @@ class DiffusionScheduler(Scheduler):
                 "sent; the client keeps the first ones", req_id,
             )
         del replay[:n]
-        if not replay:
-            del self.replay[req_id]
         return new_token_ids[n:]
 
     # -- results ----------------------------------------------------------------
@@ -227,11 +254,12 @@ class DiffusionScheduler(Scheduler):
             request = self.requests.get(req_id)
             if request is None or request.is_finished():
                 continue  # aborted while the step ran
+            record = self.records[req_id]
             if req_id in step_stats:
-                self.ledgers[req_id].add_step(self.model_shape, **step_stats[req_id])
+                record.ledger.add_step(self.model_shape, **step_stats[req_id])
             index = model_runner_output.req_id_to_index[req_id]
             new_token_ids = list(model_runner_output.sampled_token_ids[index])
-            if new_token_ids and req_id in self.replay:
+            if new_token_ids and record.replay:
                 new_token_ids = self._skip_replayed(req_id, new_token_ids)
             stopped = False
             if new_token_ids:
@@ -239,7 +267,7 @@ class DiffusionScheduler(Scheduler):
                     request, new_token_ids
                 )
             if req_id in next_rows:
-                self.next_num_rows[req_id] = next_rows[req_id]
+                record.next_num_rows = next_rows[req_id]
             elif not stopped:
                 # The canvas is fully denoised: the answer is complete.
                 request.status = RequestStatus.FINISHED_LENGTH_CAPPED
@@ -333,13 +361,17 @@ class DiffusionScheduler(Scheduler):
         into OpenAI responses (see vllm_internals.py). Nothing else reads it
         unless a KV connector is configured, which this engine refuses.
         """
-        ledger = self.ledgers.get(req_id)
-        return {"surelock": ledger.as_dict()} if ledger is not None else {}
+        record = self.records.get(req_id)
+        if record is None:
+            return {}
+        record.ledger.engine_steps = self.engine_step - record.arrival_step
+        return {"surelock": record.ledger.as_dict()}
 
     def _account_finished(self, req_id: str) -> None:
-        ledger = self.ledgers.get(req_id)
-        if ledger is None:
+        record = self.records.get(req_id)
+        if record is None:
             return
+        ledger = record.ledger
         self.finished_count += 1
         self.totals.merge(ledger)
         logger.debug("request %s: %s", req_id, ledger.summary())
@@ -352,27 +384,32 @@ class DiffusionScheduler(Scheduler):
         logger.info("SureLock, %d finished requests: %s", self.finished_count, self.totals.summary())
 
     def _forget(self, req_id: str) -> None:
-        self.next_num_rows.pop(req_id, None)
-        self.canvas_rows.pop(req_id, None)
-        self.replay.pop(req_id, None)
+        self.records.pop(req_id, None)
         self.rejected.pop(req_id, None)
-        self.ledgers.pop(req_id, None)
+        if self._budget_blocked == req_id:
+            self._budget_blocked = None
+
+    def num_tracked_requests(self) -> int:
+        """Per-request records held (0 when idle: nothing leaks per request)."""
+        return len(self.records) + len(self.rejected)
 
 
-SERVER_SETTING_KEYS = (
-    "block_length", "remasking",  # diffusion defaults
-    "enabled", "eps", "confidence_gate", "lock_prompt",  # SureLock defaults
-    "trace",  # record per-step rows and locked K/V (tests, debugging)
-)
+class _StepPlan:
+    """The requests one engine step schedules, and the row budget left."""
 
+    def __init__(self, token_budget: int):
+        self.token_budget = token_budget
+        self.num_scheduled: dict[str, int] = {}
+        self.running: list[Request] = []  # already running before this step
+        self.new_requests: list[Request] = []  # admitted this step
 
-def server_settings(vllm_config) -> dict:
-    """`--additional-config '{"surelock": {...}}'`, checked for unknown keys."""
-    settings = dict((vllm_config.additional_config or {}).get("surelock") or {})
-    unknown = set(settings) - set(SERVER_SETTING_KEYS)
-    if unknown:
-        raise ValueError(
-            f"--additional-config surelock: unknown keys {sorted(unknown)}; "
-            f"known: {list(SERVER_SETTING_KEYS)}"
-        )
-    return settings
+    def add(self, request: Request, rows: int, new: bool = False) -> None:
+        self.num_scheduled[request.request_id] = rows
+        self.token_budget -= rows
+        (self.new_requests if new else self.running).append(request)
+
+    def remove(self, request: Request) -> None:
+        self.token_budget += self.num_scheduled.pop(request.request_id, 0)
+        for group in (self.running, self.new_requests):
+            if request in group:
+                group.remove(request)
