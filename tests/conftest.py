@@ -9,6 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "checkpoints" / "llada-tiny"
+SHIPPED_MODEL = REPO / "checkpoints" / "llada-small"  # the trained model of the demo and examples/serve.sh
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # No model hub here: everything loads from local files.
@@ -82,7 +83,8 @@ PROMPTS = [
 class RemoteServer:
     """`vllm serve <shipped checkpoint> --plugin surelock ...` on 127.0.0.1."""
 
-    def __init__(self, *extra_args: str, timeout_s: float = 300.0):
+    def __init__(self, *extra_args: str, timeout_s: float = 300.0, env: dict[str, str] | None = None,
+                 model: Path = CHECKPOINT):
         import socket
         import subprocess
         import sys
@@ -93,7 +95,7 @@ class RemoteServer:
         self.url = f"http://127.0.0.1:{self.port}"
         vllm = Path(sys.executable).parent / "vllm"
         self.args = [
-            str(vllm), "serve", str(CHECKPOINT), "--plugin", "surelock",
+            str(vllm), "serve", str(model), "--plugin", "surelock",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", "float32", "--max-model-len", "1024", "--block-size", "32",
             "--enforce-eager", "--seed", "0",
@@ -102,7 +104,7 @@ class RemoteServer:
         ]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"surelock-serve-{self.port}.log"
         self._log = open(self.log_path, "w")
-        env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+        env = {**{k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}, **(env or {})}
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self._wait(timeout_s)
 

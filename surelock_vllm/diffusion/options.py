@@ -152,10 +152,11 @@ class DiffusionOptions:
                 f"unmasks at least one position",
             )
         if steps > limits.max_steps:
+            given = f"steps={steps}" if "steps" in args else f"steps (default: gen_length = {steps})"
             raise InvalidDiffusionOption(
                 "steps",
-                f"steps={steps} exceeds this server's max_steps={limits.max_steps} "
-                f"(--diffusion-max-steps)",
+                f"{given} exceeds this server's max_steps={limits.max_steps} "
+                f"(--diffusion-max-steps); set steps to at most {limits.max_steps}",
             )
         if steps < num_blocks:
             raise InvalidDiffusionOption(

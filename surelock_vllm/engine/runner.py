@@ -142,6 +142,11 @@ class DiffusionRunnerMixin:
                 next_rows[req_id] = int(den.plan().query_positions.shape[0])
         if self._trace_enabled():
             self._record_trace(req_ids, rows, states)
+        for req_id in req_ids:
+            if states[req_id].denoiser.finished:
+                # The scheduler finishes it with this output: drop its canvas
+                # and lock state now, not at the next step (the engine may idle).
+                del states[req_id]
         return DiffusionRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-
 from vllm.v1.worker import cpu_worker
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from surelock_vllm.engine.debug import DiffusionWorkerDebugMixin
 from surelock_vllm.engine.runner import DiffusionRunnerMixin
 
 
@@ -14,7 +14,7 @@ class DiffusionCPUModelRunner(DiffusionRunnerMixin, CPUModelRunner):
     pass
 
 
-class DiffusionCPUWorker(CPUWorker):
+class DiffusionCPUWorker(DiffusionWorkerDebugMixin, CPUWorker):
     def init_device(self) -> None:
         # CPUWorker.init_device builds `cpu_worker.CPUModelRunner(...)` at its
         # end and has no factory hook (the GPU worker has _make_model_runner):
@@ -27,10 +27,3 @@ class DiffusionCPUWorker(CPUWorker):
         finally:
             cpu_worker.CPUModelRunner = original
         assert isinstance(self.model_runner, DiffusionCPUModelRunner)
-
-    def canvas_logits(self, token_ids: list[int]) -> list[list[float]]:
-        # Plain lists: results cross the process boundary as msgpack.
-        return self.model_runner.canvas_logits(token_ids).tolist()
-
-    def take_trace(self) -> list[dict]:
-        return self.model_runner.take_trace()

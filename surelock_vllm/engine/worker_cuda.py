@@ -9,6 +9,7 @@ from __future__ import annotations
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
+from surelock_vllm.engine.debug import DiffusionWorkerDebugMixin
 from surelock_vllm.engine.runner import DiffusionRunnerMixin
 
 
@@ -16,13 +17,6 @@ class DiffusionGPUModelRunner(DiffusionRunnerMixin, GPUModelRunner):
     pass
 
 
-class DiffusionGPUWorker(Worker):
+class DiffusionGPUWorker(DiffusionWorkerDebugMixin, Worker):
     def _make_model_runner(self) -> GPUModelRunner:
         return DiffusionGPUModelRunner(self.vllm_config, self.device)
-
-    def canvas_logits(self, token_ids: list[int]) -> list[list[float]]:
-        # Plain lists: results cross the process boundary as msgpack.
-        return self.model_runner.canvas_logits(token_ids).cpu().tolist()
-
-    def take_trace(self) -> list[dict]:
-        return self.model_runner.take_trace()
