@@ -39,11 +39,17 @@ def parse(argv):
 def test_plugin_flag_selects_plugins_and_turns_surelock_on(monkeypatch):
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     args = parse(["--model", MODEL, "--plugin", "surelock", "--surelock-eps", "0.01",
-                  "--diffusion-block-length", "16", "--no-surelock-lock-prompt"])
+                  "--diffusion-block-length", "16", "--no-surelock-lock-prompt",
+                  "--diffusion-max-steps", "512", "--diffusion-max-gen-length", "2048"])
     assert os.environ["VLLM_PLUGINS"] == "surelock"
     assert args.additional_config["surelock"] == {
         "enabled": True, "eps": 0.01, "block_length": 16, "lock_prompt": False,
+        "max_steps": 512, "max_gen_length": 2048,
     }
+    from surelock_vllm.engine.settings import ServerSettings
+
+    settings = ServerSettings.from_mapping(args.additional_config["surelock"])
+    assert (settings.limits.max_steps, settings.limits.max_gen_length) == (512, 2048)
     assert args.override_generation_config["max_new_tokens"] == cli_flags.DEFAULT_GEN_LENGTH
 
 
@@ -110,7 +116,8 @@ def test_vllm_command_line_starts():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1].startswith("0.32.")
     help_text = subprocess.run([str(vllm), "serve", "--help=surelock"], capture_output=True, text=True, timeout=120)
-    assert "--plugin" in help_text.stdout and "--surelock-eps" in help_text.stdout
+    for flag in ("--plugin", "--surelock-eps", "--diffusion-max-steps", "--diffusion-max-gen-length"):
+        assert flag in help_text.stdout
 
 
 def test_request_validation_raises_400_error_naming_the_parameter():

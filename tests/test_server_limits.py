@@ -199,16 +199,18 @@ def _send(server, job) -> str:
 
 
 def _memory(server) -> dict[str, int]:
-    """Resident memory of the API server and engine processes, and the worker's
-    own report (after gc and glibc malloc_trim; see engine/debug.py)."""
+    """Resident memory of the API server, engine core and worker processes, and
+    the worker's own report (heap in use after gc; see engine/debug.py)."""
     api = psutil.Process(server.proc.pid)
     resp = requests.post(server.url + "/collective_rpc", json={"method": "memory_report"}, timeout=60)
     assert resp.status_code == 200, resp.text
-    (report,) = resp.json()["results"]  # one worker (TP=1): it runs in the engine core process
-    engine = psutil.Process(report["pid"])
-    return {"api_server": api.memory_info().rss, "engine": engine.memory_info().rss,
-            "engine_trimmed": report["rss_trimmed_bytes"], "engine_heap": report["heap_in_use_bytes"],
-            "diffusion_states": report["diffusion_states"]}
+    (report,) = resp.json()["results"]  # one worker (TP=1)
+    worker = psutil.Process(report["pid"])
+    engine_core = worker.parent()  # the scheduler's process
+    assert engine_core.pid != api.pid and engine_core in api.children(recursive=True)
+    return {"api_server": api.memory_info().rss, "engine_core": engine_core.memory_info().rss,
+            "worker": worker.memory_info().rss, "worker_trimmed": report["rss_trimmed_bytes"],
+            "worker_heap": report["heap_in_use_bytes"], "diffusion_states": report["diffusion_states"]}
 
 
 def _wait_idle(server, timeout_s: float = 120.0) -> dict[str, float]:
@@ -238,22 +240,21 @@ def test_soak_memory_per_request_and_kv_back_to_idle(server):
     idle_after = _wait_idle(server)
     after = _memory(server)
     growth = {k: (after[k] - before[k]) / len(measured)
-              for k in ("api_server", "engine", "engine_trimmed", "engine_heap")}
+              for k in ("api_server", "engine_core", "worker", "worker_trimmed", "worker_heap")}
     print(
         f"\nsoak: {len(measured)} requests after {len(warmup)} warm-up "
         f"({outcomes.count('disconnected')} disconnected mid-stream); memory growth per request: "
         + ", ".join(f"{k} {v:+.0f} B" for k, v in growth.items())
-        + f"; RSS engine {after['engine'] / 2**20:.0f} MiB (trimmed {after['engine_trimmed'] / 2**20:.0f} MiB), "
+        + f"; RSS worker {after['worker'] / 2**20:.0f} MiB, engine core {after['engine_core'] / 2**20:.0f} MiB, "
         f"API server {after['api_server'] / 2**20:.0f} MiB; runner states at idle {after['diffusion_states']}; "
         f"KV usage idle {idle_before['kv_cache_usage_perc']:.4f} -> {idle_after['kv_cache_usage_perc']:.4f}"
     )
     assert outcomes.count("disconnected") >= 40
     assert idle_after["num_requests_running"] == 0 and idle_after["num_requests_waiting"] == 0
     assert idle_after["kv_cache_usage_perc"] == idle_before["kv_cache_usage_perc"] == 0
-    # what requests leave behind in the engine (heap in use: the leak figure),
-    # and resident memory with the allocator's free pages returned (noisier:
-    # fragmentation and page granularity)
-    assert growth["engine_heap"] < 1024, growth
-    assert growth["engine_trimmed"] < 4096, growth
+    # what requests leave behind in the worker (heap in use: the leak figure),
+    # and resident memory (noisier: fragmentation and page granularity)
+    assert growth["worker_heap"] < 1024, growth
+    assert growth["worker_trimmed"] < 4096 and growth["engine_core"] < 4096, growth
     assert after["diffusion_states"] <= 32  # at most the last step's stopped requests (--max-num-seqs)
     assert_canary(server)
