@@ -29,7 +29,6 @@ serving_llada = False
 
 _original_process_inputs = None
 _original_async_init = None
-_original_beam_params: dict = {}
 
 
 def _request_classes():
@@ -85,7 +84,6 @@ def apply() -> None:
     InputProcessor.process_inputs = process_inputs
     AsyncLLM.__init__ = async_init
     for cls in _request_classes():
-        _original_beam_params[cls] = cls.to_beam_search_params
         cls.to_beam_search_params = refuse_beam_search(cls.to_beam_search_params)
 
 

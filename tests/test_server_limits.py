@@ -157,6 +157,8 @@ def test_short_requests_keep_completing_next_to_a_near_context_canvas(server):
     long_alive = thread.is_alive()
     thread.join(timeout=300)
     long_stats = long_result["resp"].json()["kv_transfer_params"]["surelock"]
+    print(f"\nfairness: short requests (16 steps each) took {[s['engine_steps'] for s in shorts]} engine steps; "
+          f"the long one ({long_stats['steps']} steps) took {long_stats['engine_steps']}")
     for stats in shorts:
         assert stats["steps"] == 16
         # took turns with the long canvas: at most one step sat out per own step
