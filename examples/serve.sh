@@ -19,5 +19,5 @@ if ! nvidia-smi >/dev/null 2>&1; then
 fi
 exec .venv/bin/vllm serve "$MODEL" --plugin surelock \
   --host 127.0.0.1 --port "${PORT:-8000}" --dtype "$DTYPE" \
-  --max-model-len "${MAX_MODEL_LEN:-1024}" --block-size 32 --enforce-eager \
+  --max-model-len "${MAX_MODEL_LEN:-1024}" --block-size 32 \
   --surelock-eps "${SURELOCK_EPS:-5e-3}" "${EXTRA[@]}" "$@"

@@ -171,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import LLM
     from vllm.platforms import current_platform
 
-    from surelock_vllm.diffusion.options import DiffusionOptions
-    from surelock_vllm.diffusion.surelock import SureLockOptions
+    from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
     from surelock_vllm.reference.modeling import LLaDAReferenceLM
     from surelock_vllm.reference.sampler import reference_generate
     from surelock_vllm.reference.surelock import reference_generate_surelock

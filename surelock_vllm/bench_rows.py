@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from surelock_vllm.configuration_llada import LLaDAConfig
-from surelock_vllm.diffusion.surelock import ModelShape
+from surelock_vllm.diffusion.flops import ModelShape
 
 SHAPES = {
     "llada-8b": dict(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288,

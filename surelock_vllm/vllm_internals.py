@@ -53,7 +53,13 @@ INTERNALS: list[tuple[str, str, str]] = [
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder",
      "subclassed; build() is called with causal=False row metadata"),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.do_kv_cache_update",
-     "writes rows' K/V to their slots; also used to locate a slot's elements for the trace"),
+     "writes rows' K/V to their slots; also used to locate a slot's elements for the trace (engine/debug.py)"),
+    ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl.do_kv_cache_update",
+     "the same on CUDA (the trace's slot reads follow FlashAttention's cache layout through it)"),
+    ("vllm.config.vllm", "VllmConfig.use_v2_model_runner",
+     "the config hook pins VLLM_USE_V2_MODEL_RUNNER=0 (vLLM's default is V2 wherever Triton works)"),
+    ("vllm.config.vllm", "VllmConfig.try_verify_and_update_config",
+     "runs the config hook before the runner, torch.compile and CUDA graph settings are settled"),
     ("vllm.model_executor.layers.attention", "Attention",
      "LLaDA layers pass attn_backend=...; the trace reads Attention.kv_cache and .impl"),
     # patched by patches/ (each module says why and what would retire it)
@@ -78,6 +84,8 @@ INTERNALS: list[tuple[str, str, str]] = [
 
 #: instance attributes the plugin reads: (module, class, attribute, where it is set)
 INSTANCE_ATTRIBUTES: list[tuple[str, str, str, str]] = [
+    # DiffusionGPUWorker refuses to build its V1 runner inside a V2-configured worker
+    ("vllm.v1.worker.gpu_worker", "Worker", "use_v2_model_runner", "__init__"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "attn_groups", "__init__"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "kv_cache_config", "initialize_kv_cache"),
     ("vllm.v1.core.sched.scheduler", "Scheduler", "finished_req_ids_dict", "__init__"),

@@ -17,8 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_PLUGINS", "surelock")
 
 # after the environment above: huggingface_hub reads HF_HUB_OFFLINE when it is imported
-from surelock_vllm.tools.make_checkpoint import chat_prompt_ids  # noqa: E402  (the tests' prompt builder)
-
+from surelock_vllm.tools.make_checkpoint import chat_prompt_ids  # noqa: E402, F401  (the tests' prompt builder)
 
 def engine_kwargs(**overrides) -> dict:
     """The settings every test engine uses on this 2-core CPU machine."""
@@ -98,7 +97,7 @@ class RemoteServer:
             str(vllm), "serve", str(model), "--plugin", "surelock",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", "float32", "--max-model-len", "1024", "--block-size", "32",
-            "--enforce-eager", "--seed", "0",
+            "--seed", "0",  # no --enforce-eager: the config hook sets it
             *(["--gpu-memory-utilization", "0.3"] if _is_cpu_vllm() else []),
             *extra_args,
         ]

@@ -18,8 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import CHECKPOINT, make_llm, shutdown_llm
-from surelock_vllm.diffusion.options import REMASKING_CHOICES, DiffusionOptions, InvalidDiffusionOption
-from surelock_vllm.diffusion.surelock import REQUEST_KEYS, SureLockOptions
+from surelock_vllm.diffusion.options import (
+    REMASKING_CHOICES,
+    SURELOCK_KEYS,
+    DiffusionOptions,
+    InvalidDiffusionOption,
+    SureLockOptions,
+)
 from surelock_vllm.engine.request_options import UNSUPPORTED_SAMPLING, resolve_request
 from surelock_vllm.engine.settings import ServerSettings
 
@@ -27,7 +32,7 @@ MAX_MODEL_LEN = 1024
 MAX_ROWS = 2048
 SETTINGS = ServerSettings.from_mapping({"max_gen_length": 512, "max_steps": 256})
 
-OPTION_KEYS = ["gen_length", "steps", "block_length", "remasking", *REQUEST_KEYS]
+OPTION_KEYS = ["gen_length", "steps", "block_length", "remasking", *SURELOCK_KEYS]
 HOSTILE_KEYS = ["_surelock_resolved", "_x", "gen_lenght", "", "steps ", "STEPS"]
 
 def hostile(int_bound: int):

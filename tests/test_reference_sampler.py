@@ -5,7 +5,6 @@ path to the same reference.
 """
 
 import pytest
-import torch
 
 from conftest import CHECKPOINT, PROMPTS, chat_prompt_ids
 from surelock_vllm.diffusion.denoiser import CanvasDenoiser

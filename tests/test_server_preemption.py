@@ -14,8 +14,7 @@ import requests
 import torch
 
 from conftest import CHECKPOINT, RemoteServer
-from surelock_vllm.diffusion.options import DiffusionOptions
-from surelock_vllm.diffusion.surelock import SureLockOptions
+from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.reference.modeling import LLaDAReferenceLM
 from surelock_vllm.reference.sampler import reference_generate
 from surelock_vllm.reference.surelock import reference_generate_surelock

@@ -5,14 +5,9 @@ import math
 import pytest
 import torch
 
-from surelock_vllm.diffusion.options import InvalidDiffusionOption
-from surelock_vllm.diffusion.surelock import (
-    ComputeLedger,
-    LockState,
-    ModelShape,
-    SureLockOptions,
-    stepwise_kl,
-)
+from surelock_vllm.diffusion.options import InvalidDiffusionOption, SureLockOptions
+from surelock_vllm.diffusion.flops import ComputeLedger, ModelShape
+from surelock_vllm.diffusion.lock_rule import LockState, stepwise_kl
 
 
 def test_kl_is_zero_for_equal_and_positive_for_different_posteriors():

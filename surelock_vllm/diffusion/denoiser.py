@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from surelock_vllm.diffusion.options import DiffusionOptions
-from surelock_vllm.diffusion.surelock import LockState, SureLockOptions
+from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
+from surelock_vllm.diffusion.lock_rule import LockState
 
 
 def transfer_schedule(num_masked: int, steps: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Per-request diffusion options: parsing, defaults and validation.
+"""Per-request options (diffusion and SureLock): parsing, defaults and validation.
 
 Options arrive as a flat dict (`SamplingParams.extra_args` offline,
 `vllm_xargs` on the OpenAI server). Server-wide defaults and limits come from
@@ -193,3 +193,70 @@ def _check_remasking(value: Any) -> None:
         raise InvalidDiffusionOption(
             "remasking", f"{value!r} is not one of {list(REMASKING_CHOICES)}"
         )
+
+
+# -- SureLock (the lock rule itself: lock_rule.py) ------------------------------
+
+#: per-request keys (SamplingParams.extra_args / vllm_xargs)
+SURELOCK_KEYS = {
+    "surelock": "enabled",
+    "surelock_eps": "eps",
+    "surelock_confidence_gate": "confidence_gate",
+    "surelock_lock_prompt": "lock_prompt",
+}
+
+
+@dataclass(frozen=True)
+class SureLockOptions:
+    enabled: bool = False
+    eps: float = 5e-3
+    confidence_gate: float | None = None  # fraction m of Z; None = no gate
+    lock_prompt: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_defaults(cls, values: Mapping[str, Any] | None) -> "SureLockOptions":
+        """Server defaults: `--additional-config '{"surelock": {"enabled": true, "eps": ...}}'`."""
+        values = dict(values or {})
+        known = {k: values[k] for k in ("enabled", "eps", "confidence_gate", "lock_prompt") if k in values}
+        return cls()._validated(known, names={k: k for k in known})
+
+    def resolve(self, extra_args: Mapping[str, Any] | None) -> "SureLockOptions":
+        """This request's options: server defaults overridden by request keys."""
+        extra = dict(extra_args or {})
+        given = {field: extra[key] for key, field in SURELOCK_KEYS.items() if key in extra}
+        names = {field: key for key, field in SURELOCK_KEYS.items()}
+        return self._validated(given, names)
+
+    def _validated(self, given: dict[str, Any], names: dict[str, str]) -> "SureLockOptions":
+        values = {**self.as_dict(), **given}
+        for field in ("enabled", "lock_prompt"):
+            values[field] = _as_bool(values[field], names.get(field, field))
+        eps = values["eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise InvalidDiffusionOption(names.get("eps", "eps"), f"must be a finite number >= 0, got {eps!r}")
+        gate = values["confidence_gate"]
+        if gate is not None and (
+            isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 < gate <= 1
+        ):
+            raise InvalidDiffusionOption(
+                names.get("confidence_gate", "confidence_gate"),
+                f"must be a fraction in (0, 1] or null, got {gate!r}",
+            )
+        values["eps"] = float(eps)
+        values["confidence_gate"] = None if gate is None else float(gate)
+        return SureLockOptions(**values)
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    """true/false; also 1/0 and "true"/"false", the forms vllm_xargs delivers
+    (the OpenAI server's vllm_xargs holds str, int and float values only)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise InvalidDiffusionOption(name, f"must be true or false, got {value!r}")

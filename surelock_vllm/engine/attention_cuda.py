@@ -8,8 +8,6 @@ canvas in paged KV (FlashAttention's varlen kernel with a block table and
 
 from __future__ import annotations
 
-import torch
-
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionMetadataBuilder,
@@ -30,12 +28,3 @@ class SureLockFlashAttentionBackend(FlashAttentionBackend):
     @staticmethod
     def get_builder_cls() -> type[SureLockFlashAttentionMetadataBuilder]:
         return SureLockFlashAttentionMetadataBuilder
-
-    @staticmethod
-    def read_kv_slots(layer, slots: torch.Tensor, block_size: int) -> torch.Tensor:
-        """K and V at `slots` from FlashAttention's [2, blocks, block_size, heads, head] cache."""
-        kv_cache = layer.kv_cache
-        blocks, offsets = slots // block_size, slots % block_size
-        keys = kv_cache[0, blocks, offsets]
-        values = kv_cache[1, blocks, offsets]
-        return torch.cat([keys, values], dim=-1).flatten(1).cpu().clone()

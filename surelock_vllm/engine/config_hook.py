@@ -2,9 +2,16 @@
 
 Registered in vLLM's MODELS_CONFIG_MAP under "LLaDAModelLM", so it runs for
 every engine that serves a LLaDA checkpoint, whichever entry point built it.
+It runs early in `VllmConfig.__post_init__`, before vLLM settles the model
+runner, torch.compile and CUDA graphs, and in the process that starts the
+engine, before the engine and worker processes are spawned (they inherit
+the environment it sets). So `vllm serve GSAI-ML/LLaDA-8B-Instruct --plugin
+surelock` needs no other flag on any platform.
 """
 
 from __future__ import annotations
+
+import os
 
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm.platforms import current_platform
@@ -53,3 +60,37 @@ class LLaDAEngineConfig(VerifyAndUpdateConfig):
         # for scattered rows; tensor parallelism is supported.
         if parallel.pipeline_parallel_size > 1:
             raise ValueError("surelock: pipeline parallelism is not supported for LLaDA; use tensor parallelism")
+        use_v1_model_runner()
+        run_eagerly(vllm_config.model_config)
+
+
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def use_v1_model_runner() -> None:
+    """The diffusion runner subclasses vLLM's V1 runners (GPUModelRunner,
+    CPUModelRunner). vLLM 0.32 picks Model Runner V2 by default wherever Triton
+    works (CUDA), and the GPU worker then takes V2-only branches even with our
+    runner class in place; the choice is `VLLM_USE_V2_MODEL_RUNNER`, read from
+    the environment by every process, so it is pinned to 0 here."""
+    value = os.environ.get(V2_RUNNER_ENV)
+    if value is not None and value.strip() not in ("", "0"):
+        raise ValueError(
+            f"surelock: LLaDA runs on vLLM's V1 model runner; unset {V2_RUNNER_ENV} (it is {value!r})"
+        )
+    if value is None:
+        logger.info("surelock: using vLLM's V1 model runner (%s=0), the one the diffusion runner extends", V2_RUNNER_ENV)
+    os.environ[V2_RUNNER_ENV] = "0"
+
+
+def run_eagerly(model_config) -> None:
+    """No torch.compile and no CUDA graphs: a diffusion step's row count
+    changes every step (locked rows drop out), so there is no fixed batch
+    shape to capture, and the runner calls the model directly. Same as
+    `--enforce-eager`, set here so that users need not pass it."""
+    if not model_config.enforce_eager:
+        logger.info(
+            "surelock: torch.compile and CUDA graphs off for LLaDA (as with --enforce-eager): "
+            "the diffusion step computes a different set of rows every step and runs eagerly"
+        )
+        model_config.enforce_eager = True

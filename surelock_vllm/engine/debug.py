@@ -1,8 +1,16 @@
-"""Worker methods for tests and debugging, reached with `collective_rpc`.
+"""Tests' and debugging hooks, kept out of the runner's step.
 
-Offline: `llm.collective_rpc("take_trace")`; on a server started with
-`VLLM_SERVER_DEV_MODE=1`: `POST /collective_rpc {"method": "memory_report"}`.
-None of them runs on the step path.
+* worker methods reached with `collective_rpc` (offline:
+  `llm.collective_rpc("take_trace")`; on a server started with
+  `VLLM_SERVER_DEV_MODE=1`: `POST /collective_rpc {"method": "memory_report"}`):
+  `canvas_logits`, `take_trace`, `memory_report`;
+* `StepTrace`, which the runner feeds only when `--additional-config
+  '{"surelock": {"trace": true}}'` is set: per step and request, the rows
+  computed, the locked positions and their K/V as stored in the paged cache;
+* `read_kv_slots`, which finds a slot's K/V elements with the attention
+  kernel's own cache writer, so it follows whatever layout the platform's
+  backend uses (CPU_ATTN packs K/V per block; FlashAttention stores
+  [blocks, heads, block_size, 2 * head_size]).
 """
 
 from __future__ import annotations
@@ -11,16 +19,21 @@ import ctypes
 import gc
 import os
 
+import torch
+
+from surelock_vllm.engine.rows import RequestRows, build_step_layout, slot_mapping_for
+
 
 class DiffusionWorkerDebugMixin:
     """Mixed into the CPU and CUDA diffusion workers."""
 
     def canvas_logits(self, token_ids: list[int]) -> list[list[float]]:
         # Plain lists: results cross the process boundary as msgpack.
-        return self.model_runner.canvas_logits(token_ids).cpu().tolist()
+        return canvas_logits(self.model_runner, token_ids).cpu().tolist()
 
     def take_trace(self) -> list[dict]:
-        return self.model_runner.take_trace()
+        trace = self.model_runner._step_trace()
+        return [] if trace is None else trace.take()
 
     def memory_report(self) -> dict[str, int]:
         """This process's memory, after a garbage collection, and the
@@ -68,3 +81,92 @@ def _glibc():
 def _rss_bytes() -> int:
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@torch.inference_mode()
+def canvas_logits(runner, token_ids: list[int]) -> torch.Tensor:
+    """Logits [len, vocab] of one whole canvas, as the serving path computes them.
+
+    Tests compare it with the plain-torch model. It writes K/V into the last
+    blocks of the KV cache, so call it only while the engine is idle.
+    """
+    block_size = runner.cache_config.block_size
+    num_blocks = -(-len(token_ids) // block_size)
+    total_blocks = runner.kv_cache_config.num_blocks
+    rows = RequestRows(
+        canvas=torch.tensor(token_ids, dtype=torch.long),
+        query_positions=torch.arange(len(token_ids)),
+        logit_positions=torch.arange(len(token_ids)),
+        block_ids=list(range(total_blocks - num_blocks, total_blocks)),
+    )
+    return runner._run_rows(build_step_layout([rows], block_size))
+
+
+class StepTrace:
+    """Per step and request: rows fed, locked positions, and their K/V slots."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+        self.engine_steps = 0
+
+    def take(self) -> list[dict]:
+        records, self.records = self.records, []
+        return records
+
+    def record(self, runner, req_ids, rows, states) -> None:
+        from vllm.model_executor.layers.attention import Attention
+
+        self.engine_steps += 1
+        block_size = runner.cache_config.block_size
+        layers = [m for m in runner.model.modules() if isinstance(m, Attention)]
+        for req_id, req_rows in zip(req_ids, rows):
+            state = states[req_id]
+            den = state.denoiser
+            locked = [] if den.lock is None else den.lock.locked.nonzero().squeeze(-1).tolist()
+            kv = []
+            if locked:
+                slots = slot_mapping_for(torch.tensor(locked), state.block_ids, block_size)
+                kv = [read_kv_slots(layer, slots, block_size).tolist() for layer in layers]
+            self.records.append(
+                {
+                    "req_id": req_id,
+                    "engine_step": self.engine_steps,
+                    "step": den.num_steps_done - 1,
+                    "query_positions": req_rows.query_positions.tolist(),
+                    "locked": locked,
+                    "locked_kv": kv,
+                }
+            )
+
+
+def read_kv_slots(layer, slots: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The K/V elements stored for `slots` in `layer`'s paged cache: [len(slots), values per slot].
+
+    The cache's first dimension is the block; where a slot's elements sit
+    inside a block is the backend's business, so they are located by writing
+    a probe with the backend's own writer (`do_kv_cache_update`) into a
+    scratch block.
+    """
+    kv_cache = layer.kv_cache
+    masks = _slot_element_masks(layer, kv_cache, block_size)
+    blocks, offsets = (slots // block_size).tolist(), (slots % block_size).tolist()
+    return torch.stack([kv_cache[b][masks[o]] for b, o in zip(blocks, offsets)]).cpu().clone()
+
+
+_MASKS: dict[tuple, list[torch.Tensor]] = {}
+
+
+def _slot_element_masks(layer, kv_cache: torch.Tensor, block_size: int) -> list[torch.Tensor]:
+    key = (tuple(kv_cache.shape[1:]), kv_cache.dtype, str(kv_cache.device), block_size)
+    if key not in _MASKS:
+        impl = layer.impl
+        heads, head = impl.num_kv_heads, impl.head_size
+        device = kv_cache.device
+        masks = []
+        for offset in range(block_size):
+            scratch = torch.zeros((1, *kv_cache.shape[1:]), dtype=kv_cache.dtype, device=device)
+            probe = torch.arange(1, heads * head + 1, dtype=kv_cache.dtype, device=device).view(1, heads, head)
+            impl.do_kv_cache_update(layer, probe, probe + 0.5, scratch, torch.tensor([offset], device=device))
+            masks.append(scratch[0] != 0)
+        _MASKS[key] = masks
+    return _MASKS[key]

@@ -11,8 +11,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from surelock_vllm.diffusion.options import DiffusionOptions, InvalidDiffusionOption
-from surelock_vllm.diffusion.surelock import REQUEST_KEYS as SURELOCK_KEYS
+from surelock_vllm.diffusion.options import SURELOCK_KEYS, DiffusionOptions, InvalidDiffusionOption
 from surelock_vllm.engine.settings import ServerSettings
 
 RESOLVED_KEY = "_surelock_resolved"

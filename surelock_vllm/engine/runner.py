@@ -17,15 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from vllm.forward_context import set_forward_context
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from surelock_vllm.diffusion.denoiser import CanvasDenoiser
-from surelock_vllm.diffusion.options import DiffusionOptions
-from surelock_vllm.diffusion.surelock import SureLockOptions
+from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
+from surelock_vllm.engine.debug import StepTrace
 from surelock_vllm.engine.request_options import RESOLVED_KEY
 from surelock_vllm.engine.rows import RequestRows, StepLayout, build_step_layout
+from surelock_vllm.engine.settings import ServerSettings
 from surelock_vllm.log import get_logger
 
 logger = get_logger(__name__)
@@ -55,6 +55,13 @@ class DiffusionRunnerMixin:
         if states is None:
             states = self._diffusion_requests = {}
         return states
+
+    def _step_trace(self) -> StepTrace | None:
+        """The per-step trace (tests, debugging: `--additional-config surelock.trace`)."""
+        if not hasattr(self, "_trace"):
+            settings = ServerSettings.from_vllm_config(self.vllm_config)
+            self._trace = StepTrace() if settings.trace else None
+        return self._trace
 
     @property
     def mask_token_id(self) -> int:
@@ -140,8 +147,8 @@ class DiffusionRunnerMixin:
             if not den.finished:
                 # plans the next step now; the runner reuses it then
                 next_rows[req_id] = int(den.plan().query_positions.shape[0])
-        if self._trace_enabled():
-            self._record_trace(req_ids, rows, states)
+        if (trace := self._step_trace()) is not None:
+            trace.record(self, req_ids, rows, states)
         for req_id in req_ids:
             if states[req_id].denoiser.finished:
                 # The scheduler finishes it with this output: drop its canvas
@@ -179,69 +186,3 @@ class DiffusionRunnerMixin:
             )
         logits = self.model.compute_logits(hidden_states[layout.logit_rows.to(device)])
         return logits.float().cpu()
-
-    # -- diagnostics ------------------------------------------------------------
-    @torch.inference_mode()
-    def canvas_logits(self, token_ids: list[int]) -> torch.Tensor:
-        """Logits [len, vocab] of one whole canvas, as the serving path computes them.
-
-        Diagnostic (tests compare it with the plain-torch model): writes K/V
-        into the last blocks of the KV cache, so call it only while the engine
-        is idle.
-        """
-        block_size = self.cache_config.block_size
-        num_blocks = -(-len(token_ids) // block_size)
-        total_blocks = self.kv_cache_config.num_blocks
-        canvas = torch.tensor(token_ids, dtype=torch.long)
-        rows = RequestRows(
-            canvas=canvas,
-            query_positions=torch.arange(len(token_ids)),
-            logit_positions=torch.arange(len(token_ids)),
-            block_ids=list(range(total_blocks - num_blocks, total_blocks)),
-        )
-        return self._run_rows(build_step_layout([rows], block_size))
-
-    # -- tracing (tests, debugging): --additional-config surelock.trace ---------
-    def _trace_enabled(self) -> bool:
-        settings = (self.vllm_config.additional_config or {}).get("surelock") or {}
-        return bool(settings.get("trace"))
-
-    def _record_trace(self, req_ids, rows, states) -> None:
-        """Per step and request: rows fed, locked positions, and their K/V slots."""
-        from vllm.model_executor.layers.attention import Attention
-
-        trace = getattr(self, "_trace", None)
-        if trace is None:
-            trace = self._trace = []
-        self._trace_calls = getattr(self, "_trace_calls", 0) + 1
-        block_size = self.cache_config.block_size
-        layers = [
-            m for m in self.model.modules() if isinstance(m, Attention)
-        ]
-        for req_id, req_rows in zip(req_ids, rows):
-            state = states[req_id]
-            den = state.denoiser
-            locked = [] if den.lock is None else den.lock.locked.nonzero().squeeze(-1).tolist()
-            kv = []
-            if locked:
-                from surelock_vllm.engine.rows import slot_mapping_for
-
-                slots = slot_mapping_for(torch.tensor(locked), state.block_ids, block_size)
-                kv = [
-                    layer.attn_backend.read_kv_slots(layer, slots, block_size).tolist()
-                    for layer in layers
-                ]
-            trace.append(
-                {
-                    "req_id": req_id,
-                    "engine_step": self._trace_calls,
-                    "step": den.num_steps_done - 1,
-                    "query_positions": req_rows.query_positions.tolist(),
-                    "locked": locked,
-                    "locked_kv": kv,
-                }
-            )
-
-    def take_trace(self) -> list[dict]:
-        trace, self._trace = getattr(self, "_trace", []), []
-        return trace

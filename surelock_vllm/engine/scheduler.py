@@ -41,7 +41,7 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
 from surelock_vllm.diffusion.options import InvalidDiffusionOption
-from surelock_vllm.diffusion.surelock import ComputeLedger, ModelShape
+from surelock_vllm.diffusion.flops import ComputeLedger, ModelShape
 from surelock_vllm.engine.request_options import RESOLVED_KEY, resolve_request
 from surelock_vllm.engine.settings import ServerSettings
 from surelock_vllm.log import get_logger

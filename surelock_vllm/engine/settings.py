@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from surelock_vllm.diffusion.options import DiffusionDefaults, DiffusionLimits
-from surelock_vllm.diffusion.surelock import SureLockOptions
+from surelock_vllm.diffusion.options import DiffusionDefaults, DiffusionLimits, SureLockOptions
 
 #: settings keys that are not per-request defaults or limits
 DEBUG_KEYS = ("trace",)  # record per-step rows and locked K/V (tests, debugging)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from surelock_vllm.diffusion.options import DiffusionOptions
-from surelock_vllm.diffusion.surelock import LockState, SureLockOptions
+from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
+from surelock_vllm.diffusion.lock_rule import LockState
 from surelock_vllm.reference.sampler import add_gumbel_noise, get_num_transfer_tokens
 
 

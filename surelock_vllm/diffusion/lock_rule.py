@@ -1,0 +1,106 @@
+"""SureLock's lock rule (arXiv 2602.06412), in plain torch: the step-wise KL and
+the per-request lock state. Options: options.SureLockOptions; FLOPs: flops.py.
+
+Per request, per step t, with A the unlocked positions:
+  Z = A ∩ unmasked  (prompt positions count as unmasked when `lock_prompt`)
+  D_i = KL(p_t^i || p_{t-1}^i) over the vocabulary, on the raw posterior
+        (no temperature); infinite when position i has no posterior from the
+        previous step (its first step)
+  optional confidence gate: u_i = 1 - max p_t^i must be among the smallest
+        `confidence_gate` fraction of u over Z (the paper uses 20%)
+  lock F = {i in Z : D_i < eps (and the gate)}: strict, as in the paper, so
+        eps = 0 never locks (identical posteriors give D_i = 0).
+A locked position stays locked: from the next step on it is not computed at
+all, and its K/V stay as computed at its lock step. Masked positions never lock.
+
+Prompt positions: the paper's sure test runs over every unmasked position, and
+the prompt is unmasked from the start, so by default prompt positions lock like
+any other converged position (`lock_prompt=True`). `lock_prompt=False` keeps the
+prompt recomputed every step (more compute, prompt K/V always fresh).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from surelock_vllm.diffusion.options import SureLockOptions
+
+
+def stepwise_kl(logp_now: torch.Tensor, logp_prev: torch.Tensor) -> torch.Tensor:
+    """KL(p_t || p_{t-1}) per row, from log-probabilities [rows, vocab]."""
+    return (logp_now.exp() * (logp_now - logp_prev)).sum(-1).clamp_min(0.0)
+
+
+_EMPTY = torch.empty(0, dtype=torch.long)
+
+
+class LockState:
+    """Lock flags and last posteriors of one request's canvas."""
+
+    def __init__(self, canvas_len: int, prompt_len: int, options: SureLockOptions):
+        self.options = options
+        self.prompt_len = prompt_len
+        self.locked = torch.zeros(canvas_len, dtype=torch.bool)
+        # step at which each position locked (-1: never)
+        self.lock_step = torch.full((canvas_len,), -1, dtype=torch.long)
+        self._prev_logp: torch.Tensor | None = None  # [canvas_len, vocab], lazily
+        self._has_prev = torch.zeros(canvas_len, dtype=torch.bool)
+        self.num_locked = 0
+
+    def _confidence_gate(self, logp: torch.Tensor, in_z: torch.Tensor) -> torch.Tensor:
+        """Rows of Z among the `confidence_gate` fraction with the least uncertainty."""
+        zrows = in_z.nonzero().squeeze(-1)
+        gate = torch.zeros_like(in_z)
+        if zrows.numel():
+            uncertainty = 1.0 - logp[zrows].max(-1).values.exp()
+            keep = max(1, math.ceil(self.options.confidence_gate * zrows.numel()))
+            gate[zrows[torch.argsort(uncertainty, stable=True)[:keep]]] = True
+        return gate
+
+    def candidates(self, masked: torch.Tensor) -> torch.Tensor:
+        """Z as a bool mask: unlocked, unmasked (and not prompt unless lock_prompt)."""
+        z = ~self.locked & ~masked
+        if not self.options.lock_prompt:
+            z[: self.prompt_len] = False
+        return z
+
+    def observe(
+        self,
+        positions: torch.Tensor,
+        logits: torch.Tensor,
+        z: torch.Tensor,
+        step: int,
+        logp: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Record posteriors of `positions` and lock the converged ones of Z.
+
+        `positions` are the rows whose logits this step computed; `z` the
+        candidate mask taken before the sampler unmasked anything this step;
+        `logp`, if given, is `log_softmax(logits)` computed by the caller
+        (the runner does it once for the whole batch). Returns the positions
+        locked now.
+        """
+        if logp is None:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+        if self._prev_logp is None:
+            self._prev_logp = torch.zeros(self.locked.shape[0], logp.shape[-1])
+        newly = _EMPTY
+        if self.options.enabled:
+            in_z = z[positions]
+            # KL of every row read (Z plus a few masked block rows: cheaper
+            # than gathering Z first); rows with no previous posterior (their
+            # first observation) never lock.
+            kl = stepwise_kl(logp, self._prev_logp[positions])
+            sure = in_z & self._has_prev[positions] & (kl < self.options.eps)
+            if self.options.confidence_gate is not None:
+                sure &= self._confidence_gate(logp, in_z)
+            newly = positions[sure]
+            if newly.numel():
+                self.locked[newly] = True
+                self.lock_step[newly] = step
+                self.num_locked += int(newly.numel())
+        self._prev_logp[positions] = logp
+        self._has_prev[positions] = True
+        return newly
