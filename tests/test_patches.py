@@ -53,6 +53,13 @@ def test_plugin_flag_selects_plugins_and_turns_surelock_on(monkeypatch):
     assert args.override_generation_config["max_new_tokens"] == cli_flags.DEFAULT_GEN_LENGTH
 
 
+def test_every_server_flag_is_a_server_setting():
+    from surelock_vllm.engine.settings import SERVER_SETTING_KEYS
+
+    keys = [key for _, _, key, _ in cli_flags._FLAGS]
+    assert set(keys) <= set(SERVER_SETTING_KEYS) and len(keys) == len(set(keys))
+
+
 def test_plugin_gen_length_is_a_default_not_a_cap(monkeypatch):
     import inspect
 
