@@ -39,27 +39,28 @@ SURELOCK_PLUGIN = "surelock"
 DEFAULT_GEN_LENGTH = 128
 
 _FLAGS = (
-    # (flag, dest, settings key, argparse kwargs)
+    # (flag, dest, settings key, argparse kwargs); argparse.SUPPRESS: a flag not
+    # given leaves no attribute (the help shows our own default text, not "None")
     ("--surelock", "surelock_enabled", "enabled",
-     dict(action=argparse.BooleanOptionalAction, default=None,
+     dict(action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
           help="SureLock on/off by default for requests that do not say (default: on with --plugin surelock)")),
     ("--surelock-eps", "surelock_eps", "eps",
-     dict(type=float, default=None, help="default lock threshold on the step-wise KL (default 5e-3)")),
+     dict(type=float, default=argparse.SUPPRESS, help="default lock threshold on the step-wise KL (default 5e-3)")),
     ("--surelock-confidence-gate", "surelock_confidence_gate", "confidence_gate",
-     dict(type=float, default=None, help="default confidence gate fraction, e.g. 0.2 (default: off)")),
+     dict(type=float, default=argparse.SUPPRESS, help="default confidence gate fraction, e.g. 0.2 (default: off)")),
     ("--surelock-lock-prompt", "surelock_lock_prompt", "lock_prompt",
-     dict(action=argparse.BooleanOptionalAction, default=None,
+     dict(action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
           help="let prompt positions lock (default: on, as in the paper)")),
     ("--diffusion-block-length", "diffusion_block_length", "block_length",
-     dict(type=int, default=None, help="default block length (default 32)")),
+     dict(type=int, default=argparse.SUPPRESS, help="default block length (default 32)")),
     ("--diffusion-remasking", "diffusion_remasking", "remasking",
-     dict(choices=["low_confidence", "random"], default=None, help="default remasking (default low_confidence)")),
+     dict(choices=["low_confidence", "random"], default=argparse.SUPPRESS, help="default remasking (default low_confidence)")),
     ("--diffusion-max-gen-length", "diffusion_max_gen_length", "max_gen_length",
-     dict(type=int, default=None,
+     dict(type=int, default=argparse.SUPPRESS,
           help="largest generation length (max_tokens / gen_length) a request may ask for; "
           f"larger ones get a 400 (default {DiffusionLimits.max_gen_length})")),
     ("--diffusion-max-steps", "diffusion_max_steps", "max_steps",
-     dict(type=int, default=None,
+     dict(type=int, default=argparse.SUPPRESS,
           help="most denoising steps a request may ask for; more get a 400 "
           f"(default {DiffusionLimits.max_steps}; steps are also at most gen_length)")),
 )
@@ -105,14 +106,14 @@ def add_surelock_arguments(parser) -> None:
         "surelock", "Masked diffusion (LLaDA) and SureLock, from the surelock-vllm plugin"
     )
     group.add_argument(
-        "--plugin", dest="plugin", default=None,
+        "--plugin", dest="plugin", default=argparse.SUPPRESS,
         help="comma-separated general plugins to load (like VLLM_PLUGINS); "
         "`--plugin surelock` serves LLaDA with SureLock on by default",
     )
     for flag, dest, _, kwargs in _FLAGS:
         group.add_argument(flag, dest=dest, **kwargs)
     group.add_argument(
-        "--diffusion-gen-length", dest="diffusion_gen_length", type=int, default=None,
+        "--diffusion-gen-length", dest="diffusion_gen_length", type=int, default=argparse.SUPPRESS,
         help=f"generation length of requests without max_tokens (default {DEFAULT_GEN_LENGTH})",
     )
 
