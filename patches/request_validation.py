@@ -24,18 +24,13 @@ hook for `extra_args` in the frontend.
 
 from __future__ import annotations
 
+from surelock_vllm.patches.vllm_xargs_booleans import openai_request_classes
+
 #: set in the API server process once its engine client serves a LLaDA model
 serving_llada = False
 
 _original_process_inputs = None
 _original_async_init = None
-
-
-def _request_classes():
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-    return (CompletionRequest, ChatCompletionRequest)
 
 
 def apply() -> None:
@@ -83,7 +78,7 @@ def apply() -> None:
     process_inputs._surelock_patch = True
     InputProcessor.process_inputs = process_inputs
     AsyncLLM.__init__ = async_init
-    for cls in _request_classes():
+    for cls in openai_request_classes():
         cls.to_beam_search_params = refuse_beam_search(cls.to_beam_search_params)
 
 

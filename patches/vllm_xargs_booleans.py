@@ -15,7 +15,7 @@ Versions: vLLM 0.32.0 (`CompletionRequest` / `ChatCompletionRequest`
 `vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None`).
 Must run before the API server's FastAPI routes are built (plugins load while
 the CLI parser is made, before `vllm.entrypoints.openai.*.api_router` is
-imported; test_patches checks both the models and a live server). Retire
+imported; test_patches checks the models, test_server_limits a live server). Retire
 when vLLM accepts booleans in `vllm_xargs`.
 """
 
@@ -24,7 +24,8 @@ from __future__ import annotations
 _original_annotations: dict = {}
 
 
-def _request_classes():
+def openai_request_classes():
+    """The request models of /v1/completions and /v1/chat/completions."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
@@ -35,7 +36,7 @@ def apply() -> None:
     if is_applied():
         return
     scalar = bool | str | int | float
-    for cls in _request_classes():
+    for cls in openai_request_classes():
         field = cls.model_fields["vllm_xargs"]
         _original_annotations[cls] = field.annotation
         field.annotation = dict[str, scalar | list[scalar]] | None
@@ -44,4 +45,4 @@ def apply() -> None:
 
 
 def is_applied() -> bool:
-    return all(getattr(cls, "_surelock_xargs_patch", False) for cls in _request_classes())
+    return all(getattr(cls, "_surelock_xargs_patch", False) for cls in openai_request_classes())

@@ -181,10 +181,10 @@ def _soak_job(i: int, rng: random.Random) -> dict:
         xargs["remasking"] = "random"
     body = {"max_tokens": gen, "temperature": rng.choice((0.0, 0.7)), "seed": i, "vllm_xargs": xargs}
     if rng.random() < 0.5:
-        return {"path": "/v1/chat/completions", "body": chat(f"Tell me about {i}", **body),
-                "stream": rng.random() < 0.4, "disconnect": rng.random() < 0.25}
-    return {"path": "/v1/completions", "body": {"prompt": f"Soak request {i}:", **body},
-            "stream": rng.random() < 0.4, "disconnect": rng.random() < 0.25}
+        path, body = "/v1/chat/completions", chat(f"Tell me about {i}", **body)
+    else:
+        path, body = "/v1/completions", {"prompt": f"Soak request {i}:", **body}
+    return {"path": path, "body": body, "stream": rng.random() < 0.4, "disconnect": rng.random() < 0.25}
 
 
 def _send(server, job) -> str:

@@ -29,6 +29,11 @@ OPTION_HELP = {
 }
 
 
+def length_option(extra_args: Mapping[str, Any] | None) -> str:
+    """The request parameter that set the generation length, for error messages."""
+    return "gen_length" if "gen_length" in (extra_args or {}) else "max_tokens"
+
+
 class InvalidDiffusionOption(ValueError):
     """A request's diffusion option is invalid; `option` names it."""
 
@@ -115,7 +120,7 @@ class DiffusionOptions:
                 name, f"unknown option; known options: {sorted(OPTION_HELP)}"
             )
 
-        gen_key = "gen_length" if "gen_length" in args else "max_tokens"
+        gen_key = length_option(args)
         gen_length = args.get("gen_length", max_tokens)
         if gen_length is None:
             raise InvalidDiffusionOption(

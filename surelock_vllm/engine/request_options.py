@@ -11,7 +11,12 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from surelock_vllm.diffusion.options import SURELOCK_KEYS, DiffusionOptions, InvalidDiffusionOption
+from surelock_vllm.diffusion.options import (
+    SURELOCK_KEYS,
+    DiffusionOptions,
+    InvalidDiffusionOption,
+    length_option,
+)
 from surelock_vllm.engine.settings import ServerSettings
 
 RESOLVED_KEY = "_surelock_resolved"
@@ -45,7 +50,7 @@ def resolve_request(
     )
     surelock = settings.surelock.resolve(extra)
     canvas_len = prompt_len + options.gen_length
-    gen_key = "gen_length" if "gen_length" in extra else "max_tokens"
+    gen_key = length_option(extra)
     if canvas_len > max_model_len:
         raise InvalidDiffusionOption(
             gen_key,

@@ -40,7 +40,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
-from surelock_vllm.diffusion.options import InvalidDiffusionOption
+from surelock_vllm.diffusion.options import InvalidDiffusionOption, length_option
 from surelock_vllm.diffusion.flops import ComputeLedger, ModelShape
 from surelock_vllm.engine.request_options import RESOLVED_KEY, resolve_request
 from surelock_vllm.engine.settings import ServerSettings
@@ -119,9 +119,8 @@ class DiffusionScheduler(Scheduler):
         needed = -(-(request.num_prompt_tokens + gen_length) // block_size)
         total = self.kv_cache_config.num_blocks - 1  # block 0 is vLLM's null block
         if needed > total:
-            key = "gen_length" if "gen_length" in (params.extra_args or {}) else "max_tokens"
             raise InvalidDiffusionOption(
-                key,
+                length_option(params.extra_args),
                 f"the canvas needs {needed} KV blocks of {block_size} tokens; "
                 f"the whole KV cache has {total}",
             )
@@ -388,10 +387,6 @@ class DiffusionScheduler(Scheduler):
         self.rejected.pop(req_id, None)
         if self._budget_blocked == req_id:
             self._budget_blocked = None
-
-    def num_tracked_requests(self) -> int:
-        """Per-request records held (0 when idle: nothing leaks per request)."""
-        return len(self.records) + len(self.rejected)
 
 
 class _StepPlan:
