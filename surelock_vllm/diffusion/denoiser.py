@@ -12,25 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.diffusion.lock_rule import LockState
-
-
-def transfer_schedule(num_masked: int, steps: int) -> list[int]:
-    """How many positions each step unmasks: an even split, earlier steps +1."""
-    base, remainder = divmod(num_masked, steps)
-    return [base + 1 if i < remainder else base for i in range(steps)]
-
-
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator) -> torch.Tensor:
-    """LLaDA's sampling: argmax at T=0, Gumbel-max on float64 logits above."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.to(torch.float64)
-    noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator)
-    return (logits.exp() / (-torch.log(noise)) ** temperature).argmax(dim=-1)
+from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
+from surelock_vllm.diffusion.random import request_seed
+from surelock_vllm.diffusion.sampling import confidence, sample_x0, top_k_per_group, transfer_schedule
 
 
 @dataclass
@@ -48,13 +34,11 @@ class StepPlan:
 class CanvasDenoiser:
     """`prompt + gen_length` masks, denoised block by block.
 
-    Random numbers come from a generator seeded per request, drawn for the
-    still-masked rows of the current block in position order (the same
-    convention as `surelock_vllm.reference.sampler`).
+    Random numbers come from the request's counter-based stream (random.py),
+    keyed by step and position, as in `surelock_vllm.reference.sampler`.
 
-    The runner calls it once per engine step, for every request in the batch,
-    so the bookkeeping is kept to a few tensor ops: the step's rows are
-    planned once (`plan`) and the mask is tracked as positions unmask.
+    It is the one-request oracle of the engine's batched step
+    (`batch.DiffusionBatch`): tests feed both the same logits and compare.
     """
 
     def __init__(
@@ -73,7 +57,7 @@ class CanvasDenoiser:
         )
         self.canvas[: self.prompt_len] = torch.tensor(prompt_ids, dtype=torch.long)
         self.masked = self.canvas == mask_id
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = request_seed(seed)
         self.block = 0
         self.step_in_block = 0
         self.num_steps_done = 0
@@ -154,19 +138,13 @@ class CanvasDenoiser:
             logits, positions = logits[plan.sampled], positions[plan.sampled]
         k = self._schedule[self.step_in_block]
         if positions.numel() > 0:
-            # Draw even when k == 0 so the random stream matches the reference.
-            x0 = gumbel_argmax(logits, self.options.temperature, self.generator)
-            if self.options.remasking == "low_confidence":
-                probs = F.softmax(logits.float(), dim=-1)
-                confidence = torch.gather(probs, -1, x0[:, None]).squeeze(-1)
-            else:
-                confidence = torch.rand(x0.shape, generator=self.generator)
-            if k > 0:
-                _, chosen = torch.topk(confidence.to(torch.float64), k=k)
-                unmasked = positions[chosen]
-                self.canvas[unmasked] = x0[chosen]
-                # (a sampled mask token stays masked, as in the reference loop)
-                self.masked[unmasked] = x0[chosen] == self.mask_id
+            x0, chosen = llada_transfer(
+                logits.float(), positions, self.options, self.seed, self.num_steps_done, k
+            )
+            unmasked = positions[chosen]
+            self.canvas[unmasked] = x0[chosen]
+            # (a sampled mask token stays masked, as in the reference loop)
+            self.masked[unmasked] = x0[chosen] == self.mask_id
         if self.lock is not None:
             self.lock.observe(plan.logit_positions, all_logits, plan.lock_candidates, self.num_steps_done, logp)
         self.num_steps_done += 1
@@ -177,3 +155,21 @@ class CanvasDenoiser:
         self.block += 1
         self.step_in_block = 0
         return self.canvas[start:end].tolist()
+
+
+def llada_transfer(
+    logits: torch.Tensor, positions: torch.Tensor, options: DiffusionOptions, seed: int, step: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request's x0 for the masked `positions` (float32 `logits`), and which k transfer."""
+    n = positions.shape[0]
+
+    def per_row(value, dtype):
+        return torch.full((n,), value, dtype=dtype)
+
+    seeds, steps = per_row(seed, torch.long), per_row(step, torch.long)
+    x0 = sample_x0(logits, per_row(options.temperature, torch.float64), seeds, steps, positions,
+                   options.temperature > 0)
+    random = options.remasking == "random"
+    score = confidence(logits, x0, per_row(random, torch.bool), seeds, steps, positions, random)
+    chosen = top_k_per_group(score, per_row(0, torch.long), torch.tensor([k]))
+    return x0, chosen

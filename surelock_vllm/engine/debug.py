@@ -58,7 +58,7 @@ class DiffusionWorkerDebugMixin:
             "rss_bytes": rss,
             "rss_trimmed_bytes": _rss_bytes() if libc is not None else -1,
             "heap_in_use_bytes": info.uordblks + info.hblkhd if info is not None else -1,
-            "diffusion_states": len(self.model_runner._diffusion_state()),
+            "diffusion_states": len(self.model_runner.diffusion_batch()),
         }
 
 
@@ -99,7 +99,7 @@ def canvas_logits(runner, token_ids: list[int]) -> torch.Tensor:
         logit_positions=torch.arange(len(token_ids)),
         block_ids=list(range(total_blocks - num_blocks, total_blocks)),
     )
-    return runner._run_rows(build_step_layout([rows], block_size))
+    return runner._run_rows(build_step_layout([rows], block_size)).float().cpu()
 
 
 class StepTrace:
@@ -113,27 +113,29 @@ class StepTrace:
         records, self.records = self.records, []
         return records
 
-    def record(self, runner, req_ids, rows, states) -> None:
+    def record(self, runner, req_ids, plan, batch) -> None:
+        """After a step: per scheduled request (plan order), what it computed and holds locked."""
         from vllm.model_executor.layers.attention import Attention
 
         self.engine_steps += 1
         block_size = runner.cache_config.block_size
         layers = [m for m in runner.model.modules() if isinstance(m, Attention)]
-        for req_id, req_rows in zip(req_ids, rows):
-            state = states[req_id]
-            den = state.denoiser
-            locked = [] if den.lock is None else den.lock.locked.nonzero().squeeze(-1).tolist()
+        states = runner._diffusion_state()
+        for b, req_id in enumerate(req_ids):
+            slot = plan.slots[b]
+            canvas_len = batch.info[slot].canvas_len
+            locked = batch.locked[slot, :canvas_len].nonzero().squeeze(-1).cpu()
             kv = []
-            if locked:
-                slots = slot_mapping_for(torch.tensor(locked), state.block_ids, block_size)
+            if locked.numel():
+                slots = slot_mapping_for(locked, states[req_id].block_ids, block_size)
                 kv = [read_kv_slots(layer, slots, block_size).tolist() for layer in layers]
             self.records.append(
                 {
                     "req_id": req_id,
                     "engine_step": self.engine_steps,
-                    "step": den.num_steps_done - 1,
-                    "query_positions": req_rows.query_positions.tolist(),
-                    "locked": locked,
+                    "step": int(batch.steps_done[slot]) - 1,
+                    "query_positions": plan.query_pos[plan.query_b == b].tolist(),
+                    "locked": locked.tolist(),
                     "locked_kv": kv,
                 }
             )

@@ -1,11 +1,15 @@
 """The masked-diffusion model runner: one engine step = one denoising step.
 
-Each request keeps a `CanvasDenoiser` (the algorithm, plain torch). A step:
-  1. drops finished/preempted requests, adds new ones;
-  2. asks every scheduled request for its query rows and logit rows;
-  3. lays the rows out (`rows.build_step_layout`), builds non-causal attention
-     metadata for the platform's attention backend, runs the model on the rows;
-  4. computes logits for the logit rows only, lets each denoiser unmask;
+All running requests live in one `DiffusionBatch` on the model's device (the
+algorithm, plain torch: canvases, masks, locks, options and seeds as tensors
+indexed by request slot). A step:
+  1. drops finished/preempted requests, adds new ones (a slot each);
+  2. plans the rows of every scheduled request at once (`DiffusionBatch.plan`);
+  3. lays them out for the attention kernel (token ids, positions, KV slots,
+     query offsets, block table), runs the model on them and the LM head on
+     the rows the step reads;
+  4. unmasks and locks for all requests at once (`DiffusionBatch.step`), on the
+     device; only counters and the tokens of finished blocks come back;
   5. returns, per request, the tokens of blocks that became final this step.
 
 The same class runs on CPU and CUDA (mixed into vLLM's CPU or GPU runner);
@@ -20,11 +24,11 @@ import torch
 from vllm.forward_context import set_forward_context
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
-from surelock_vllm.diffusion.denoiser import CanvasDenoiser
+from surelock_vllm.diffusion.batch import BatchPlan, DiffusionBatch
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.engine.debug import StepTrace
 from surelock_vllm.engine.request_options import RESOLVED_KEY
-from surelock_vllm.engine.rows import RequestRows, StepLayout, build_step_layout
+from surelock_vllm.engine.rows import StepLayout
 from surelock_vllm.engine.settings import ServerSettings
 from surelock_vllm.log import get_logger
 
@@ -43,7 +47,9 @@ class DiffusionRunnerOutput(ModelRunnerOutput):
 
 @dataclass
 class DiffusionRequestState:
-    denoiser: CanvasDenoiser
+    """The host side of one running request: its slot and KV blocks."""
+
+    slot: int
     block_ids: list[int]
 
 
@@ -56,6 +62,17 @@ class DiffusionRunnerMixin:
             states = self._diffusion_requests = {}
         return states
 
+    def diffusion_batch(self) -> DiffusionBatch:
+        batch = getattr(self, "_diffusion_batch", None)
+        if batch is None:
+            batch = self._diffusion_batch = DiffusionBatch(
+                max_requests=self.scheduler_config.max_num_seqs,
+                max_canvas_len=self.model_config.max_model_len,
+                mask_id=self.mask_token_id,
+                device=self.device,
+            )
+        return batch
+
     def _step_trace(self) -> StepTrace | None:
         """The per-step trace (tests, debugging: `--additional-config surelock.trace`)."""
         if not hasattr(self, "_trace"):
@@ -67,22 +84,26 @@ class DiffusionRunnerMixin:
     def mask_token_id(self) -> int:
         return self.model_config.hf_config.mask_token_id
 
+    def _drop(self, req_id: str) -> None:
+        state = self._diffusion_state().pop(req_id, None)
+        if state is not None:
+            self.diffusion_batch().remove(state.slot)
+
     def _update_diffusion_states(self, scheduler_output) -> None:
         states = self._diffusion_state()
         for req_id in scheduler_output.finished_req_ids:
-            states.pop(req_id, None)
+            self._drop(req_id)
         for req_id in scheduler_output.preempted_req_ids or ():
-            states.pop(req_id, None)
+            self._drop(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             resolved = new.sampling_params.extra_args[RESOLVED_KEY]
-            options = DiffusionOptions(**resolved["options"])
-            surelock = SureLockOptions(**resolved["surelock"])
-            states[new.req_id] = DiffusionRequestState(
-                denoiser=CanvasDenoiser(
-                    new.prompt_token_ids, options, self.mask_token_id, resolved["seed"], surelock
-                ),
-                block_ids=list(new.block_ids[0]),
+            slot = self.diffusion_batch().add(
+                new.prompt_token_ids,
+                DiffusionOptions(**resolved["options"]),
+                resolved["seed"],
+                SureLockOptions(**resolved["surelock"]),
             )
+            states[new.req_id] = DiffusionRequestState(slot=slot, block_ids=list(new.block_ids[0]))
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, new_blocks in zip(cached.req_ids, cached.new_block_ids):
             if new_blocks is not None and req_id in states:
@@ -94,76 +115,72 @@ class DiffusionRunnerMixin:
         if not scheduler_output.num_scheduled_tokens:
             return EMPTY_MODEL_RUNNER_OUTPUT
         states = self._diffusion_state()
+        batch = self.diffusion_batch()
         req_ids = list(scheduler_output.num_scheduled_tokens)
-        rows = []
-        for req_id in req_ids:
-            den = states[req_id].denoiser
-            plan = den.plan()
-            rows.append(
-                RequestRows(
-                    canvas=den.canvas,
-                    query_positions=plan.query_positions,
-                    logit_positions=plan.logit_positions,
-                    block_ids=states[req_id].block_ids,
-                )
-            )
+        plan = batch.plan([states[r].slot for r in req_ids])
+        for req_id, rows in zip(req_ids, plan.num_query_rows):
             scheduled = scheduler_output.num_scheduled_tokens[req_id]
-            if scheduled != rows[-1].query_positions.shape[0]:
-                raise RuntimeError(
-                    f"request {req_id}: scheduler charged {scheduled} rows, "
-                    f"runner computes {rows[-1].query_positions.shape[0]}"
-                )
-        # A request can have no row to compute: with SureLock, once its block
-        # is fully unmasked and every position locked, the remaining steps of
-        # the block (steps > positions) compute nothing. It still takes the step.
-        computing = [i for i, r in enumerate(rows) if r.query_positions.numel()]
-        logit_bounds = [(0, 0)] * len(rows)
-        if computing:
-            layout = build_step_layout([rows[i] for i in computing], self.cache_config.block_size)
-            logits = self._run_rows(layout)
-            for k, i in enumerate(computing):
-                logit_bounds[i] = (layout.logit_start_loc[k], layout.logit_start_loc[k + 1])
-        else:
-            logits = torch.empty(0, self.model_config.get_vocab_size())
-        # The lock test needs log-posteriors: one batched log_softmax per step.
-        locking = any(states[r].denoiser.lock is not None for r in req_ids)
-        logp = torch.log_softmax(logits, dim=-1) if locking else None
+            if scheduled != rows:
+                raise RuntimeError(f"request {req_id}: scheduler charged {scheduled} rows, runner computes {rows}")
+        # Every step of every request computes at least the block's masked
+        # rows (steps <= gen_length: each step unmasks at least one position).
+        logits = self._run_rows(self._step_layout(plan, [states[r].block_ids for r in req_ids]))
+        result = batch.step(plan, logits)
 
-        sampled: list[list[int]] = []
         next_rows: dict[str, int] = {}
         step_stats: dict[str, dict[str, int]] = {}
-        for i, req_id in enumerate(req_ids):
-            den = states[req_id].denoiser
-            lo, hi = logit_bounds[i]
-            block_tokens = den.step(logits[lo:hi], None if logp is None else logp[lo:hi])
-            sampled.append(block_tokens or [])
-            locked = 0 if den.lock is None else den.lock.num_locked
+        for b, req_id in enumerate(req_ids):
             step_stats[req_id] = dict(
-                rows=int(rows[i].query_positions.shape[0]),
-                canvas_len=den.canvas_len,
-                logit_rows=hi - lo,
-                locked=locked,
+                rows=plan.num_query_rows[b],
+                canvas_len=batch.info[plan.slots[b]].canvas_len,
+                logit_rows=result.logit_rows[b],
+                locked=result.locked[b],
             )
-            if not den.finished:
-                # plans the next step now; the runner reuses it then
-                next_rows[req_id] = int(den.plan().query_positions.shape[0])
+            if not result.finished[b]:
+                next_rows[req_id] = result.next_rows[b]
         if (trace := self._step_trace()) is not None:
-            trace.record(self, req_ids, rows, states)
-        for req_id in req_ids:
-            if states[req_id].denoiser.finished:
-                # The scheduler finishes it with this output: drop its canvas
-                # and lock state now, not at the next step (the engine may idle).
-                del states[req_id]
+            trace.record(self, req_ids, plan, batch)
+        for req_id, finished in zip(req_ids, result.finished):
+            if finished:
+                # The scheduler finishes it with this output: free its slot
+                # now, not at the next step (the engine may idle).
+                self._drop(req_id)
         return DiffusionRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
-            sampled_token_ids=sampled,
+            sampled_token_ids=[tokens or [] for tokens in result.block_tokens],
             next_num_rows=next_rows,
             step_stats=step_stats,
         )
 
+    def _step_layout(self, plan: BatchPlan, block_ids: list[list[int]]) -> StepLayout:
+        """The kernel's view of the step: flat rows on the device, offsets on the host."""
+        block_size = self.cache_config.block_size
+        batch = self.diffusion_batch()
+        canvas_lens = [batch.info[s].canvas_len for s in plan.slots]
+        block_table = torch.zeros((len(block_ids), max(map(len, block_ids))), dtype=torch.int32)
+        for i, ids in enumerate(block_ids):
+            block_table[i, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        table = block_table.to(self.device)
+        pos = plan.query_pos
+        query_start = [0]
+        for rows in plan.num_query_rows:
+            query_start.append(query_start[-1] + rows)
+        return StepLayout(
+            input_ids=batch.canvas[plan.slot_index[plan.query_b], pos],
+            positions=pos,
+            slot_mapping=table[plan.query_b, pos // block_size].long() * block_size + pos % block_size,
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32),
+            seq_lens=torch.tensor(canvas_lens, dtype=torch.int32),
+            block_table=table,
+            logit_rows=plan.read_rows,
+            logit_start_loc=[],
+            max_query_len=max(plan.num_query_rows),
+            max_seq_len=max(canvas_lens),
+        )
+
     def _run_rows(self, layout: StepLayout) -> torch.Tensor:
-        """Transformer over the step's rows; logits (fp32, CPU) of the logit rows."""
+        """Transformer over the step's rows; logits of the logit rows (model dtype, on the device)."""
         device = self.device
         slot_mapping = layout.slot_mapping.to(device)
         attn_metadata: dict = {}
@@ -184,5 +201,4 @@ class DiffusionRunnerMixin:
                 input_ids=layout.input_ids.to(device),
                 positions=layout.positions.to(device),
             )
-        logits = self.model.compute_logits(hidden_states[layout.logit_rows.to(device)])
-        return logits.float().cpu()
+        return self.model.compute_logits(hidden_states[layout.logit_rows.to(device)])

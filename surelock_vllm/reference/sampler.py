@@ -1,11 +1,15 @@
 """The LLaDA reference sampler (`generate` of LLaDA's generate.py), in plain torch.
 
-One documented convention differs from LLaDA's script and is shared with the
-vLLM executor so that sampled runs are comparable: random numbers (Gumbel
-noise for temperature > 0, scores for `random` remasking) are drawn from a
-per-request `torch.Generator` seeded with the request's seed, and only for the
-rows of the current block. Rows outside the block can never be unmasked in
-this step (their confidence is -inf), so this changes no distribution.
+Two documented conventions differ from LLaDA's script and are shared with the
+vLLM executor so that runs compare token for token:
+* random numbers (Gumbel noise for temperature > 0, scores for `random`
+  remasking) come from the request's counter-based stream
+  (`diffusion/random.py`: a hash of seed, step, position and vocabulary
+  index), and only for the rows of the current block. Rows outside the block
+  can never be unmasked in this step (their confidence is -inf), so this
+  changes no distribution;
+* among equally confident positions the earlier one is unmasked first
+  (LLaDA's `torch.topk` leaves the order of ties unspecified).
 """
 
 from __future__ import annotations
@@ -14,16 +18,32 @@ import torch
 import torch.nn.functional as F
 
 from surelock_vllm.diffusion.options import DiffusionOptions
+from surelock_vllm.diffusion.random import GUMBEL, REMASK_SCORE, request_seed, uniform_matrix, uniform_rows
 
 
-def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator) -> torch.Tensor:
-    """LLaDA's Gumbel-max in float64: argmax(exp(l) / (-log u)^T)."""
+def add_gumbel_noise(logits: torch.Tensor, temperature: float, seed: int, step: int, positions: torch.Tensor) -> torch.Tensor:
+    """LLaDA's Gumbel-max in float64: argmax(exp(l) / (-log u)^T), for the rows at `positions`."""
     if temperature == 0:
         return logits
     logits = logits.to(torch.float64)
-    noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator)
-    gumbel_noise = (-torch.log(noise)) ** temperature
+    noise = uniform_matrix(*_keys(seed, step, positions), logits.shape[-1], GUMBEL)
+    gumbel_noise = (-torch.log(noise)) ** torch.tensor(temperature, dtype=torch.float64)
     return logits.exp() / gumbel_noise
+
+
+def random_scores(seed: int, step: int, positions: torch.Tensor) -> torch.Tensor:
+    """`random` remasking's score of each row at `positions`."""
+    return uniform_rows(*_keys(seed, step, positions), REMASK_SCORE)
+
+
+def _keys(seed: int, step: int, positions: torch.Tensor):
+    n = positions.shape[0]
+    return torch.full((n,), request_seed(seed)), torch.full((n,), step), positions
+
+
+def top_k(confidence: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest confidences, ties to the lower index."""
+    return torch.argsort(confidence, descending=True, stable=True)[:k]
 
 
 def get_num_transfer_tokens(num_masked: int, steps: int) -> list[int]:
@@ -44,13 +64,13 @@ def reference_generate(
     `model(ids[L]) -> logits[L, V]` runs on the whole canvas at every step,
     exactly like LLaDA's script with batch size 1 and cfg_scale 0.
     """
-    generator = torch.Generator().manual_seed(seed)
     p = len(prompt)
     gen, block_length = options.gen_length, options.block_length
     x = torch.full((p + gen,), mask_id, dtype=torch.long)
     x[:p] = torch.tensor(prompt, dtype=torch.long)
     num_blocks = gen // block_length
     steps_per_block = options.steps // num_blocks
+    step_index = 0
     for block in range(num_blocks):
         start, end = p + block * block_length, p + (block + 1) * block_length
         schedule = get_num_transfer_tokens(
@@ -67,19 +87,21 @@ def reference_generate(
             x0_p = torch.full(x.shape, -torch.inf, dtype=torch.float64)
             row_logits = logits[rows]
             if row_logits.shape[0] > 0:
+                positions = rows.nonzero().squeeze(-1)
                 x0[rows] = torch.argmax(
-                    add_gumbel_noise(row_logits, options.temperature, generator), dim=-1
+                    add_gumbel_noise(row_logits, options.temperature, seed, step_index, positions), dim=-1
                 )
                 if options.remasking == "low_confidence":
                     probs = F.softmax(row_logits.float(), dim=-1)
                     x0_p[rows] = torch.gather(probs, -1, x0[rows][:, None]).squeeze(-1).double()
                 else:  # random
-                    x0_p[rows] = torch.rand(int(rows.sum()), generator=generator).double()
+                    x0_p[rows] = random_scores(seed, step_index, positions)
             # LLaDA: positions past the block and unmasked ones never transfer.
             x0_p[end:] = -torch.inf
             confidence = torch.where(mask_index, x0_p, -torch.inf)
             k = schedule[step]
             if k > 0:
-                _, select = torch.topk(confidence, k=k)
+                select = top_k(confidence, k)
                 x[select] = x0[select]
+            step_index += 1
     return x[p:].tolist()

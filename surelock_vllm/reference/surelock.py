@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.diffusion.lock_rule import LockState
-from surelock_vllm.reference.sampler import add_gumbel_noise, get_num_transfer_tokens
+from surelock_vllm.reference.sampler import add_gumbel_noise, get_num_transfer_tokens, random_scores, top_k
 
 
 @dataclass
@@ -34,7 +34,6 @@ def reference_generate_surelock(
     mask_id: int,
     seed: int = 0,
 ) -> SureLockRun:
-    generator = torch.Generator().manual_seed(seed)
     p = len(prompt)
     x = torch.full((p + options.gen_length,), mask_id, dtype=torch.long)
     x[:p] = torch.tensor(prompt, dtype=torch.long)
@@ -64,17 +63,18 @@ def reference_generate_surelock(
             x0_p = torch.full(x.shape, -torch.inf, dtype=torch.float64)
             row_logits = logits[block_masked]
             if row_logits.shape[0] > 0:
+                positions = block_masked.nonzero().squeeze(-1)
                 x0[block_masked] = torch.argmax(
-                    add_gumbel_noise(row_logits, options.temperature, generator), dim=-1
+                    add_gumbel_noise(row_logits, options.temperature, seed, step_index, positions), dim=-1
                 )
                 if options.remasking == "low_confidence":
                     probs = F.softmax(row_logits, dim=-1)
                     x0_p[block_masked] = torch.gather(probs, -1, x0[block_masked][:, None]).squeeze(-1).double()
                 else:
-                    x0_p[block_masked] = torch.rand(int(block_masked.sum()), generator=generator).double()
+                    x0_p[block_masked] = random_scores(seed, step_index, positions)
             confidence = torch.where(mask_index, x0_p, -torch.inf)
             if schedule[step] > 0:
-                _, select = torch.topk(confidence, k=schedule[step])
+                select = top_k(confidence, schedule[step])
                 x[select] = x0[select]
             lock.observe(observed, logits[observed], z, step_index)
             step_index += 1

@@ -44,16 +44,40 @@ PRESETS = {
     # the trained model (tools/train_small.py): wider heads and rope_theta 1e4 give
     # a 4-layer model the positional resolution its copy/reverse tasks need
     "trained": dict(d_model=256, n_heads=4, n_layers=4, mlp_hidden_size=688, rope_theta=10000.0),
+    # the "small" body with LLaDA-8B's real vocabulary (126,464 tokens) and
+    # special-token ids: the benchmark's measure of the LM head and the lock
+    # test at the size users serve
+    "small-126k": dict(d_model=256, n_heads=8, n_layers=4, mlp_hidden_size=688, vocab="llada"),
+}
+
+# LLaDA-8B-Instruct's vocabulary size and special-token ids (its tokenizer.json)
+LLADA_VOCAB_SIZE = 126464
+LLADA_SPECIAL_IDS = {
+    "<|startoftext|>": 126080,
+    "<|endoftext|>": 126081,
+    "<|mdm_mask|>": 126336,
+    "<|start_header_id|>": 126346,
+    "<|end_header_id|>": 126347,
+    "<|eot_id|>": 126348,
 }
 
 
-def build_tokenizer():
-    """Byte-level BPE over the 256 bytes (no merges) plus LLaDA's specials."""
+def build_tokenizer(llada_vocab: bool = False):
+    """Byte-level BPE over the 256 bytes (no merges) plus LLaDA's specials.
+
+    With `llada_vocab`, the vocabulary has LLaDA-8B's size and the specials sit
+    at LLaDA-8B's ids; the ids between are reserved tokens that text never
+    encodes to (no merges reach them), so prompts stay byte-level.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     byte_symbols = pre_tokenizers.ByteLevel.alphabet()
     vocab = {sym: i for i, sym in enumerate(sorted(byte_symbols))}
+    if llada_vocab:
+        by_id = {i: t for t, i in LLADA_SPECIAL_IDS.items()}
+        for i in range(len(vocab), LLADA_VOCAB_SIZE):
+            vocab[by_id.get(i, f"<|reserved_{i}|>")] = i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -180,7 +204,7 @@ def write_checkpoint(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(llada_vocab=PRESETS[preset].get("vocab") == "llada")
     tokenizer.save_pretrained(out)
     config = llada_config(tokenizer, PRESETS[preset], max_sequence_length)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,88 @@
+"""LLaDA's unmasking rule as row-wise tensor functions.
+
+One implementation for every sampler: the plain-torch reference
+(`reference/sampler.py`), the one-request oracle (`denoiser.CanvasDenoiser`)
+and the engine's batched step (`batch.DiffusionBatch`). Each function works on
+rows independently, so a row gets the same result alone or in any batch:
+* x0: argmax at temperature 0, Gumbel-max on float64 logits above (LLaDA's
+  `add_gumbel_noise`), noise from the request's counter-based stream;
+* confidence: the softmax probability of x0 (`low_confidence`) or a uniform
+  score (`random`);
+* transfer: the k most confident masked rows of each request, ties to the
+  lower position (LLaDA's `torch.topk` leaves ties unspecified).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from surelock_vllm.diffusion.random import GUMBEL, REMASK_SCORE, uniform_matrix, uniform_rows
+
+
+def transfer_schedule(num_masked: int, steps: int) -> list[int]:
+    """How many positions each step unmasks: an even split, earlier steps +1."""
+    base, remainder = divmod(num_masked, steps)
+    return [base + 1 if i < remainder else base for i in range(steps)]
+
+
+def num_transfer(block_length: torch.Tensor, steps_per_block: torch.Tensor, step_in_block: torch.Tensor) -> torch.Tensor:
+    """`transfer_schedule(block_length, steps_per_block)[step_in_block]`, per request."""
+    base = torch.div(block_length, steps_per_block, rounding_mode="floor")
+    return base + (step_in_block < block_length - base * steps_per_block).to(base.dtype)
+
+
+def sample_x0(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seed: torch.Tensor,
+    step: torch.Tensor,
+    position: torch.Tensor,
+    any_sampled: bool,
+) -> torch.Tensor:
+    """x0 per row of float32 `logits` [rows, vocab]; per-row temperature, seed, step, position.
+
+    `any_sampled`: whether some row has temperature > 0 (the caller knows it
+    on the host; without it no row draws noise).
+    """
+    x0 = logits.argmax(dim=-1)
+    if any_sampled:
+        hot = (temperature > 0).nonzero().squeeze(-1)
+        if hot.numel():
+            noise = uniform_matrix(seed[hot], step[hot], position[hot], logits.shape[-1], GUMBEL)
+            gumbel = (-torch.log(noise)) ** temperature[hot, None]
+            x0[hot] = (logits[hot].to(torch.float64).exp() / gumbel).argmax(dim=-1)
+    return x0
+
+
+def confidence(
+    logits: torch.Tensor,
+    x0: torch.Tensor,
+    random_remasking: torch.Tensor,
+    seed: torch.Tensor,
+    step: torch.Tensor,
+    position: torch.Tensor,
+    any_random: bool,
+) -> torch.Tensor:
+    """Unmasking score per row, float64: p(x0), or a uniform score for `random` rows."""
+    probs = torch.gather(F.softmax(logits, dim=-1), -1, x0[:, None]).squeeze(-1)
+    score = probs.to(torch.float64)
+    if any_random:
+        score = torch.where(random_remasking, uniform_rows(seed, step, position, REMASK_SCORE), score)
+    return score
+
+
+def top_k_per_group(score: torch.Tensor, group: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Bool per row: among the rows of its group, one of the `k[group]` highest scores.
+
+    Rows are given grouped and in position order within a group; ties go to
+    the earlier row. One sort for all groups: by score, then (stably) by group.
+    """
+    by_score = torch.argsort(score, descending=True, stable=True)
+    order = by_score[torch.argsort(group[by_score], stable=True)]
+    sorted_group = group[order]
+    first = torch.searchsorted(sorted_group, sorted_group, right=False)
+    rank = torch.arange(order.numel(), device=order.device) - first
+    chosen = torch.zeros_like(score, dtype=torch.bool)
+    chosen[order] = rank < k[sorted_group]
+    return chosen

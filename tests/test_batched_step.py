@@ -1,0 +1,150 @@
+"""The engine's batched diffusion step against the one-request oracle, in plain torch.
+
+`DiffusionBatch` (all requests as slot-indexed tensors, one step for all) and
+`CanvasDenoiser` + `LockState` (one request, the oracle) get the same logits
+for the same rows; they must unmask the same tokens, lock the same positions
+at the same steps and report the same counts, for any mix of options, with
+requests joining, leaving and sitting out steps.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from surelock_vllm.diffusion.batch import DiffusionBatch
+from surelock_vllm.diffusion.denoiser import CanvasDenoiser
+from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
+from surelock_vllm.diffusion.random import uniform_matrix, uniform_rows
+from surelock_vllm.diffusion.sampling import top_k_per_group
+
+VOCAB, MASK = 64, 63
+
+
+def fake_logits(request: int, step: int, positions: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+    """Deterministic logits per (request, step, position, token there): a posterior that
+    settles after its position unmasks (so positions lock at different steps), and is
+    sharp enough to make ties rare but not absent."""
+    rows = []
+    for p in positions.tolist():
+        g = torch.Generator().manual_seed(request * 1_000_003 + p * 7919)
+        base = torch.randn(VOCAB, generator=g) * 3
+        base[MASK] = -20.0
+        token = int(canvas[p])
+        if token != MASK:
+            base[token] += 4.0
+        g2 = torch.Generator().manual_seed(request * 1_000_003 + p * 7919 + step * 104_729 + 1)
+        wobble = torch.randn(VOCAB, generator=g2) * (0.6 ** min(step, 40))
+        rows.append(base + wobble)
+    return torch.stack(rows) if rows else torch.empty(0, VOCAB)
+
+
+def make_requests(rng: random.Random, n: int):
+    requests = []
+    for i in range(n):
+        gen = rng.choice([8, 16, 24])
+        block = rng.choice([b for b in (4, 8, gen) if gen % b == 0])
+        blocks = gen // block
+        steps = blocks * rng.randint(1, block)  # steps per block need not divide the block
+        options = DiffusionOptions(
+            gen_length=gen, steps=steps, block_length=block,
+            remasking=rng.choice(["low_confidence", "random"]),
+            temperature=rng.choice([0.0, 0.0, 0.7, 1.0]),
+        )
+        lock = rng.choice([
+            None,
+            SureLockOptions(enabled=True, eps=rng.choice([0.0, 1e-3, 5e-2, 1.0])),
+            SureLockOptions(enabled=True, eps=0.5, confidence_gate=rng.choice([0.2, 0.5])),
+            SureLockOptions(enabled=True, eps=0.2, lock_prompt=False),
+        ])
+        prompt = [rng.randrange(0, MASK) for _ in range(rng.randint(1, 9))]
+        if rng.random() < 0.2:
+            prompt[0] = MASK  # a mask token in the prompt is never sampled, never locks
+        requests.append((prompt, options, lock, rng.randrange(-(2**63), 2**63)))
+    return requests
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_step_equals_one_request_oracle(seed):
+    rng = random.Random(seed)
+    requests = make_requests(rng, 7)
+    batch = DiffusionBatch(max_requests=5, max_canvas_len=40, mask_id=MASK)
+    oracles: dict[int, CanvasDenoiser] = {}
+    slot_of: dict[int, int] = {}
+    waiting = list(range(len(requests)))
+    out_oracle: dict[int, list[int]] = {i: [] for i in range(len(requests))}
+    out_batch: dict[int, list[int]] = {i: [] for i in range(len(requests))}
+    steps_taken = 0
+    while waiting or slot_of:
+        while waiting and len(slot_of) < 5 and (not slot_of or rng.random() < 0.5):
+            i = waiting.pop(0)
+            prompt, options, lock, req_seed = requests[i]
+            oracles[i] = CanvasDenoiser(prompt, options, MASK, req_seed, lock)
+            slot_of[i] = batch.add(prompt, options, req_seed, lock)
+        # some running requests sit this step out (the scheduler's row budget)
+        scheduled = [i for i in slot_of if rng.random() < 0.8] or list(slot_of)[:1]
+        plan = batch.plan([slot_of[i] for i in scheduled])
+        logits = torch.empty(plan.read_pos.shape[0], VOCAB)
+        for b, i in enumerate(scheduled):
+            den = oracles[i]
+            ours = plan.read_pos[plan.read_b == b]
+            assert torch.equal(ours, den.logit_positions()), (i, den.num_steps_done)
+            query = plan.query_pos[plan.query_b == b]
+            assert torch.equal(query, den.query_positions())
+            assert plan.num_query_rows[b] == query.numel()
+            assert torch.equal(plan.read_rows[plan.read_b == b], (
+                torch.searchsorted(query, ours) + (plan.query_b < b).sum()))
+            logits[plan.read_b == b] = fake_logits(i, den.num_steps_done, ours, den.canvas)
+        result = batch.step(plan, logits)
+        for b, i in enumerate(scheduled):
+            den = oracles[i]
+            tokens = den.step(logits[plan.read_b == b].clone())
+            slot = slot_of[i]
+            assert torch.equal(batch.canvas[slot, : den.canvas_len], den.canvas), (i, den.num_steps_done)
+            assert result.block_tokens[b] == tokens
+            assert result.logit_rows[b] == int((plan.read_b == b).sum())
+            if den.lock is not None:
+                assert torch.equal(batch.lock_step[slot, : den.canvas_len].long(), den.lock.lock_step)
+                assert result.locked[b] == den.lock.num_locked
+            else:
+                assert result.locked[b] == 0
+            if tokens:
+                out_oracle[i] += tokens
+                out_batch[i] += result.block_tokens[b]
+            assert result.finished[b] == den.finished
+            if den.finished:
+                batch.remove(slot)
+                del slot_of[i]
+            else:
+                assert result.next_rows[b] == den.query_positions().numel()
+        steps_taken += 1
+        assert steps_taken < 500
+    assert out_batch == out_oracle
+    assert len(batch) == 0
+    # the mix locked something and sampled something (the test exercises both paths)
+    assert any(o.lock is not None and o.lock.num_locked for o in oracles.values())
+
+
+def test_top_k_per_group_ties_go_to_the_earlier_row():
+    score = torch.tensor([0.5, 0.9, 0.9, 0.1, 0.7, 0.7, 0.7], dtype=torch.float64)
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    chosen = top_k_per_group(score, group, torch.tensor([2, 2]))
+    assert chosen.tolist() == [False, True, True, False, True, True, False]
+    chosen = top_k_per_group(score, group, torch.tensor([1, 0]))
+    assert chosen.tolist() == [False, True, False, False, False, False, False]
+
+
+def test_counter_random_numbers_depend_only_on_their_key():
+    seed = torch.tensor([3, 3, -5, 2**62])
+    step = torch.tensor([0, 1, 0, 7])
+    pos = torch.tensor([10, 10, 10, 999])
+    u = uniform_matrix(seed, step, pos, 1000, stream=1)
+    assert u.shape == (4, 1000) and bool(((u > 0) & (u < 1)).all())
+    # a row alone equals the same row in a batch
+    assert torch.equal(uniform_matrix(seed[2:3], step[2:3], pos[2:3], 1000, 1), u[2:3])
+    # different keys, different streams; roughly uniform
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], uniform_matrix(seed[:1], step[:1], pos[:1], 1000, 2)[0])
+    assert abs(float(u.mean()) - 0.5) < 0.02
+    assert uniform_rows(seed, step, pos, 2).unique().numel() == 4
