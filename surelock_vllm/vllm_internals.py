@@ -87,6 +87,11 @@ INSTANCE_ATTRIBUTES: list[tuple[str, str, str, str]] = [
     # DiffusionGPUWorker refuses to build its V1 runner inside a V2-configured worker
     ("vllm.v1.worker.gpu_worker", "Worker", "use_v2_model_runner", "__init__"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "attn_groups", "__init__"),
+    # the runner sizes its DiffusionBatch (request slots x canvas) and places it on the model's device
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "scheduler_config", "__init__"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "model_config", "__init__"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "device", "__init__"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "cache_config", "__init__"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "kv_cache_config", "initialize_kv_cache"),
     ("vllm.v1.core.sched.scheduler", "Scheduler", "finished_req_ids_dict", "__init__"),
     ("vllm.v1.core.sched.scheduler", "Scheduler", "max_num_scheduled_tokens", "__init__"),

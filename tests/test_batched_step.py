@@ -87,20 +87,24 @@ def test_batched_step_equals_one_request_oracle(seed):
         scheduled = [i for i in slot_of if rng.random() < 0.8] or list(slot_of)[:1]
         plan = batch.plan([slot_of[i] for i in scheduled])
         logits = torch.empty(plan.read_pos.shape[0], VOCAB)
+        oracle_logits = {}
         for b, i in enumerate(scheduled):
             den = oracles[i]
-            ours = plan.read_pos[plan.read_b == b]
-            assert torch.equal(ours, den.logit_positions()), (i, den.num_steps_done)
+            mine = plan.read_b == b
+            ours = plan.read_pos[mine]
+            # the block's masked rows first, then Z; the same set as the oracle reads
+            assert torch.equal(ours.sort().values, den.logit_positions()), (i, den.num_steps_done)
             query = plan.query_pos[plan.query_b == b]
             assert torch.equal(query, den.query_positions())
             assert plan.num_query_rows[b] == query.numel()
-            assert torch.equal(plan.read_rows[plan.read_b == b], (
-                torch.searchsorted(query, ours) + (plan.query_b < b).sum()))
-            logits[plan.read_b == b] = fake_logits(i, den.num_steps_done, ours, den.canvas)
-        result = batch.step(plan, logits)
+            assert torch.equal(plan.read_rows[mine], torch.searchsorted(query, ours) + (plan.query_b < b).sum())
+            logits[mine] = fake_logits(i, den.num_steps_done, ours, den.canvas)
+            oracle_logits[i] = fake_logits(i, den.num_steps_done, den.logit_positions(), den.canvas)
+        assert bool((plan.read_b[: plan.num_sampled].diff() >= 0).all())
+        result = batch.step(plan, logits, lambda rows: rows)  # the logits stand in for hidden states
         for b, i in enumerate(scheduled):
             den = oracles[i]
-            tokens = den.step(logits[plan.read_b == b].clone())
+            tokens = den.step(oracle_logits[i])
             slot = slot_of[i]
             assert torch.equal(batch.canvas[slot, : den.canvas_len], den.canvas), (i, den.num_steps_done)
             assert result.block_tokens[b] == tokens

@@ -21,12 +21,18 @@ Z_t = (Z_{t-1} minus what locked) + (what was unmasked at t-1), and both were
 read at t-1 (Z as candidates, the unmasked ones as the block's masked rows).
 So the lock test only ever needs the posteriors of the previous step, and only
 for the rows it will test next. The batch keeps exactly those: the
-log-probabilities of next step's Z, [|Z|, vocab] over all requests, rebuilt
-each step (`prev_logp`, indexed by `prev_index`). Nothing is recomputed, and
-no [canvas, vocab] tensor exists; its size is that of the lock test's own
-working set (the step computes Z's logits anyway). The decisions are those of
-`lock_rule.LockState`, which keeps every row's last posterior: the rows differ
-only in ones it never reads again.
+log-probabilities this step computed for Z and for the rows it unmasked, in
+one float32 buffer (`_store`, addressed by `prev_index`), written in place by
+the lock test's own log-softmax; two buffers alternate, one read while the
+other is written. Nothing is recomputed, and no [canvas, vocab] tensor exists:
+the store holds |Z| rows, the rows the step's lock test computes anyway. Z's
+logits are computed a chunk at a time inside the test and never exist whole.
+The decisions are those of `lock_rule.LockState`, which keeps every row's
+last posterior: the two differ only in rows it never reads again.
+
+Row order. The rows read are laid out as all requests' masked block rows,
+then all requests' Z rows (each in request, then position order), so the
+sampler and the lock test each take a contiguous slice of the logits.
 
 The one-request oracle is `denoiser.CanvasDenoiser` (with `LockState`); tests
 run both on the same logits and compare tokens and lock steps.
@@ -36,13 +42,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from surelock_vllm.diffusion.lock_rule import stepwise_kl
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.diffusion.random import request_seed
-from surelock_vllm.diffusion.sampling import confidence, num_transfer, sample_x0, top_k_per_group
+from surelock_vllm.diffusion.sampling import chunk_rows, confidence, num_transfer, sample_x0, top_k_per_group
+
+
+# rows of Z whose logits the lock test computes at once: enough to stream the
+# LM head's weights once for many rows, few enough to bound the memory
+_HEAD_CHUNK_ROWS = 128
 
 
 @dataclass
@@ -59,6 +71,7 @@ class SlotInfo:
     gated: bool
     next_rows: int  # rows its next step computes (the scheduler's charge)
     blocks_done: int = 0
+    steps_done: int = 0
 
 
 @dataclass
@@ -71,11 +84,11 @@ class BatchPlan:
     query_b: torch.Tensor  # [R] request of each computed row
     query_pos: torch.Tensor  # [R] canvas position of each computed row
     num_query_rows: list[int]  # [B] on the host
+    # rows read: first the block's masked rows (to unmask), then Z (to test)
     read_b: torch.Tensor  # [G] request of each row read
     read_pos: torch.Tensor  # [G] its canvas position
     read_rows: torch.Tensor  # [G] its index among the computed rows
-    read_sampled: torch.Tensor  # [G] bool: a masked row of the block (to unmask)
-    read_z: torch.Tensor  # [G] bool: a lock candidate (to test)
+    num_sampled: int  # the first num_sampled rows read are block rows, the rest Z
 
     @property
     def num_rows(self) -> int:
@@ -110,8 +123,12 @@ class DiffusionBatch:
         self.masked = grid(torch.bool, False)
         self.locked = grid(torch.bool, False)
         self.lock_step = grid(torch.int32, -1)  # step each position locked at (-1: never)
-        self.prev_index = grid(torch.long, -1)  # row of prev_logp holding its last posterior
-        self.prev_logp = torch.empty((0, 0), dtype=torch.float32, device=device)
+        # row of `_store` holding each position's previous posterior, -1: none
+        self.prev_index = grid(torch.long, -1)
+        self._store = torch.empty((0, 0), device=device)  # log-probabilities, float32
+        self._store_rows = 0
+        self._store_base: torch.Tensor | None = None  # the buffer _store is a view of
+        self._spare: torch.Tensor | None = None  # the buffer the next step writes
 
         self.prompt_len = slots(torch.long)
         self.canvas_len = slots(torch.long)
@@ -203,41 +220,48 @@ class DiffusionBatch:
         )
         query_b, query_pos = unlocked.nonzero(as_tuple=True)
         flat_row = unlocked.flatten().cumsum(0).view(unlocked.shape) - 1
-        read = sampled | z
-        read_b, read_pos = read.nonzero(as_tuple=True)
+        sampled_b, sampled_pos = sampled.nonzero(as_tuple=True)
+        z_b, z_pos = z.nonzero(as_tuple=True)
+        read_b, read_pos = torch.cat([sampled_b, z_b]), torch.cat([sampled_pos, z_pos])
         return BatchPlan(
             slots=list(slots), slot_index=index, width=width,
             query_b=query_b, query_pos=query_pos,
             num_query_rows=[self.info[s].next_rows for s in slots],
             read_b=read_b, read_pos=read_pos, read_rows=flat_row[read_b, read_pos],
-            read_sampled=sampled[read_b, read_pos], read_z=z[read_b, read_pos],
+            num_sampled=int(sampled_b.shape[0]),
         )
 
-    def step(self, plan: BatchPlan, logits: torch.Tensor) -> StepResult:
-        """Unmask and lock, given the logits [G, vocab] of the plan's rows read."""
+    def step(self, plan: BatchPlan, hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor]) -> StepResult:
+        """Unmask and lock, given the final hidden states [G, d] of the plan's rows read.
+
+        `lm_head` maps hidden states to logits. The block's rows get their
+        logits at once; Z's are computed a chunk at a time inside the lock
+        test, so their [|Z|, vocab] logits never exist whole.
+        """
         infos = [self.info[s] for s in plan.slots]
         index = plan.slot_index
-        logits = logits.float()
         read_slot = index[plan.read_b]
 
         # -- LLaDA's transfer: x0 and confidence of the block's masked rows, top k per request
-        rows = plan.read_sampled.nonzero().squeeze(-1)
-        slot, pos = read_slot[rows], plan.read_pos[rows]
+        n = plan.num_sampled
+        row_logits, req = lm_head(hidden[:n]).float(), plan.read_b[:n]
+        slot, pos = read_slot[:n], plan.read_pos[:n]
         step = self.steps_done[slot]
-        row_logits = logits[rows]
         x0 = sample_x0(row_logits, self.temperature[slot], self.seed[slot], step, pos,
                        any(i.sampled for i in infos))
         score = confidence(row_logits, x0, self.random_remasking[slot], self.seed[slot], step, pos,
                            any(i.random_remasking for i in infos))
         k = num_transfer(self.block_length[index], self.steps_per_block[index], self.step_in_block[index])
-        chosen = top_k_per_group(score, plan.read_b[rows], k)
+        chosen = top_k_per_group(score, req, k)
         self.canvas[slot[chosen], pos[chosen]] = x0[chosen]
         self.masked[slot[chosen], pos[chosen]] = x0[chosen] == self.mask_id
 
         # -- SureLock: test Z against the previous posteriors, lock the sure ones
         if any(i.surelock for i in infos):
-            self._lock_step(plan, logits, read_slot, rows[chosen & (x0 != self.mask_id) & self.surelock[slot]],
-                            any(i.gated for i in infos), carry=self._unscheduled_surelock_slots(plan))
+            unmasked = (chosen & (x0 != self.mask_id) & self.surelock[slot]).nonzero().squeeze(-1)
+            self._lock_step(plan, hidden[n:], lm_head, read_slot[n:], row_logits[unmasked],
+                            read_slot[unmasked], pos[unmasked], any(i.gated for i in infos),
+                            carry=self._unscheduled_surelock_slots(plan))
 
         # -- advance, and bring counters and the current blocks' tokens to the host
         blocks_done_before = self.block[index]
@@ -246,53 +270,112 @@ class DiffusionBatch:
         block_done = self.step_in_block[index] >= self.steps_per_block[index]
         self.block[index] += block_done.long()
         self.step_in_block[index] = torch.where(block_done, 0, self.step_in_block[index])
+        for info in infos:
+            info.steps_done += 1
         return self._to_host(plan, infos, blocks_done_before)
 
-    def _lock_step(self, plan, logits, read_slot, unmasked_rows, any_gated, carry) -> None:
-        rows = plan.read_z.nonzero().squeeze(-1)
-        slot, pos, req = read_slot[rows], plan.read_pos[rows], plan.read_b[rows]
-        logp = torch.log_softmax(logits[rows], dim=-1)
-        if self.prev_logp.shape[-1] != logits.shape[-1]:
-            self.prev_logp = logits.new_empty((0, logits.shape[-1]))
+    def _lock_step(self, plan, z_hidden, lm_head, slot, unmasked_logits, u_slot, u_pos, any_gated, carry) -> None:
+        """Lock test over Z (the rows read after the block's), then the store for next step.
+
+        `unmasked_*`: the block rows this step unmasked (SureLock requests), whose
+        posteriors next step's test compares against.
+        """
+        n = plan.num_sampled
+        pos, req = plan.read_pos[n:], plan.read_b[n:]
+        num_z, vocab = z_hidden.shape[0], None
         prev = self.prev_index[slot, pos]
         has_prev = prev >= 0
-        if self.prev_logp.shape[0]:
-            kl = stepwise_kl(logp, self.prev_logp[prev.clamp_min(0)])
-        else:  # nothing has a previous posterior yet
-            kl = torch.full((rows.shape[0],), math.inf, device=logits.device)
+        testable = self._store_rows > 0
+        kl = torch.full((num_z,), math.inf, device=self.device)
+        max_logp = torch.empty((num_z,), device=self.device) if any_gated else None
+        carried = self._carried_rows(carry)
+        num_carried = 0 if carried is None else carried[0].shape[0]
+        store = None
+        # The LM head a chunk of Z at a time (enough rows to stream the head's
+        # weights once per chunk), then log-softmax and KL a few rows at a
+        # time within it, into reused buffers: at a 126k vocabulary a row is
+        # 0.5 MB, and the test's passes over it then run from cache.
+        head_chunk = max(1, _HEAD_CHUNK_ROWS)
+        for h_lo in range(0, num_z, head_chunk):
+            h_hi = min(h_lo + head_chunk, num_z)
+            logits = lm_head(z_hidden[h_lo:h_hi]).float()
+            if store is None:
+                vocab = logits.shape[-1]
+                store = self._store_buffer(num_carried + num_z + u_slot.shape[0], vocab)
+                chunk = min(chunk_rows(vocab, self.device), num_z)
+                probs, previous, scratch = (logits.new_empty((chunk, vocab)) for _ in range(3))
+            for lo in range(h_lo, h_hi, chunk):
+                hi = min(lo + chunk, h_hi)
+                logp = store[num_carried + lo : num_carried + hi]
+                torch.log_softmax(logits[lo - h_lo : hi - h_lo], dim=-1, out=logp)
+                if any_gated:
+                    max_logp[lo:hi] = logp.max(dim=-1).values
+                if testable:
+                    # rows without a previous posterior (a request's first step) read row 0: masked below
+                    m = hi - lo
+                    torch.index_select(self._store, 0, prev[lo:hi].clamp_min(0), out=previous[:m])
+                    torch.exp(logp, out=probs[:m])
+                    kl[lo:hi] = stepwise_kl(logp, previous[:m], probs[:m], scratch[:m])
         sure = has_prev & (kl < self.eps[slot])
         if any_gated:
             # u = 1 - max p; keep the ceil(m |Z|) least uncertain rows of each request's Z
-            uncertainty = 1.0 - logp.max(dim=-1).values.exp()
+            uncertainty = 1.0 - max_logp.exp()
             size = torch.bincount(req, minlength=len(plan.slots)).to(torch.float64)
             keep = torch.ceil(self.gate[plan.slot_index] * size).long().clamp_min(1)
             sure &= top_k_per_group(-uncertainty, req, keep) | ~self.gated[slot]
         self.locked[slot[sure], pos[sure]] = True
         self.lock_step[slot[sure], pos[sure]] = self.steps_done[slot[sure]].int()
 
-        # Next step's Z: this step's Z that did not lock, and the rows unmasked now.
-        keep_rows = rows[~sure]
-        new_rows = torch.cat([keep_rows, unmasked_rows])
-        new_logp = torch.cat([logp[~sure], torch.log_softmax(logits[unmasked_rows], dim=-1)])
-        new_slot, new_pos = read_slot[new_rows], plan.read_pos[new_rows]
-        # requests not in this step keep their rows for their next step
-        if carry:
-            carry_index = torch.tensor(carry, dtype=torch.long, device=self.device)
-            old = self.prev_index[carry_index]
-            c_req, c_pos = (old >= 0).nonzero(as_tuple=True)
-            c_slot = carry_index[c_req]
-            carried = self.prev_logp[old[c_req, c_pos]]
-        # retire the old store
-        stale = (self.prev_index[plan.slot_index] >= 0).nonzero(as_tuple=True)
-        self.prev_index[plan.slot_index[stale[0]], stale[1]] = -1
-        if carry:
-            self.prev_logp = torch.cat([carried, new_logp])
-            self.prev_index[c_slot, c_pos] = torch.arange(c_slot.shape[0], device=self.device)
-            offset = c_slot.shape[0]
-        else:
-            self.prev_logp = new_logp
-            offset = 0
-        self.prev_index[new_slot, new_pos] = torch.arange(new_rows.shape[0], device=self.device) + offset
+        # Next step's Z: this step's Z that did not lock, and the rows unmasked
+        # now; requests not in this step keep their rows for their next step.
+        if store is None:
+            vocab = unmasked_logits.shape[-1] if unmasked_logits.numel() else self._store.shape[-1]
+            store = self._store_buffer(num_carried + u_slot.shape[0], vocab)
+        if carried is not None:
+            c_slot, c_pos, c_rows = carried
+            torch.index_select(self._store, 0, c_rows, out=store[:num_carried])
+        stale_req, stale_pos = (self.prev_index[plan.slot_index] >= 0).nonzero(as_tuple=True)
+        self.prev_index[plan.slot_index[stale_req], stale_pos] = -1
+        if carried is not None:
+            self.prev_index[c_slot, c_pos] = torch.arange(num_carried, device=self.device)
+        kept = (~sure).nonzero().squeeze(-1)
+        self.prev_index[slot[kept], pos[kept]] = kept + num_carried
+        if u_slot.numel():
+            start = num_carried + num_z
+            self.prev_index[u_slot, u_pos] = torch.arange(u_slot.shape[0], device=self.device) + start
+            torch.log_softmax(unmasked_logits, dim=-1, out=store[start : start + u_slot.shape[0]])
+        self._swap_store(store, num_carried + num_z + u_slot.shape[0])
+
+    def _carried_rows(self, carry: list[int]):
+        """(slot, position, store row) of the stored posteriors of SureLock requests not in this step."""
+        if not carry or not self._store_rows:
+            return None
+        carry_index = torch.tensor(carry, dtype=torch.long, device=self.device)
+        old = self.prev_index[carry_index]
+        c_req, c_pos = (old >= 0).nonzero(as_tuple=True)
+        if not c_req.numel():
+            return None
+        return carry_index[c_req], c_pos, old[c_req, c_pos]
+
+    # -- the store of previous posteriors: two buffers, one read while the other is written
+    def _store_buffer(self, rows: int, vocab: int) -> torch.Tensor:
+        """A [rows, vocab] float32 buffer that is not the current store (reused across steps:
+        fresh memory would cost a page fault per 4 KB at every step)."""
+        spare = self._spare
+        if spare is None or spare.shape[-1] != vocab or spare.shape[0] < rows or spare.shape[0] > 4 * rows + 64:
+            spare = self._spare = torch.empty((rows + rows // 4 + 16, vocab), device=self.device)
+        return spare[:rows]
+
+    def _swap_store(self, buffer: torch.Tensor, rows: int) -> None:
+        base = self._spare
+        self._spare = self._store_base
+        self._store_base = base
+        self._store = buffer
+        self._store_rows = rows
+
+    def store_bytes(self) -> int:
+        """Bytes of the two store buffers (the previous posteriors and the spare)."""
+        return sum(t.numel() * t.element_size() for t in (self._store_base, self._spare) if t is not None)
 
     def _unscheduled_surelock_slots(self, plan: BatchPlan) -> list[int]:
         scheduled = set(plan.slots)

@@ -28,9 +28,23 @@ import torch
 from surelock_vllm.diffusion.options import SureLockOptions
 
 
-def stepwise_kl(logp_now: torch.Tensor, logp_prev: torch.Tensor) -> torch.Tensor:
-    """KL(p_t || p_{t-1}) per row, from log-probabilities [rows, vocab]."""
-    return (logp_now.exp() * (logp_now - logp_prev)).sum(-1).clamp_min(0.0)
+def stepwise_kl(
+    logp_now: torch.Tensor,
+    logp_prev: torch.Tensor,
+    p_now: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(p_t || p_{t-1}) per row, from log-probabilities [rows, vocab].
+
+    As sum(p_t logp_t) - sum(p_t logp_{t-1}). At a 126k vocabulary this is
+    most of the lock test's cost, so a caller may pass p_t = exp(logp_t) and
+    a scratch buffer it already holds (same shape); the values are the same.
+    """
+    p = logp_now.exp() if p_now is None else p_now
+    product = torch.empty_like(p) if scratch is None else scratch
+    now = torch.mul(p, logp_now, out=product).sum(-1)
+    before = torch.mul(p, logp_prev, out=product).sum(-1)
+    return (now - before).clamp_min(0.0)
 
 
 _EMPTY = torch.empty(0, dtype=torch.long)

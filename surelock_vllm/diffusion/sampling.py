@@ -15,9 +15,17 @@ rows independently, so a row gets the same result alone or in any batch:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from surelock_vllm.diffusion.random import GUMBEL, REMASK_SCORE, uniform_matrix, uniform_rows
+
+
+def chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows of [rows, vocab] float32 work to handle at once: about 4 MB on a CPU,
+    so that several passes over a row run from cache, without fresh
+    allocations; on a GPU, 64 rows (the work per launch is large enough)."""
+    if device.type != "cpu":
+        return 64
+    return max(1, (4 << 20) // (vocab * 4))
 
 
 def transfer_schedule(num_masked: int, steps: int) -> list[int]:
@@ -65,7 +73,14 @@ def confidence(
     any_random: bool,
 ) -> torch.Tensor:
     """Unmasking score per row, float64: p(x0), or a uniform score for `random` rows."""
-    probs = torch.gather(F.softmax(logits, dim=-1), -1, x0[:, None]).squeeze(-1)
+    probs = torch.empty(x0.shape, dtype=logits.dtype, device=logits.device)
+    # a few rows at a time into one buffer: the softmax of a 126k-token row is 0.5 MB
+    chunk = min(chunk_rows(logits.shape[-1], logits.device), max(1, logits.shape[0]))
+    buffer = logits.new_empty((chunk, logits.shape[-1]))
+    for lo in range(0, logits.shape[0], chunk):
+        hi = min(lo + chunk, logits.shape[0])
+        softmax = torch.softmax(logits[lo:hi], dim=-1, out=buffer[: hi - lo])
+        probs[lo:hi] = torch.gather(softmax, -1, x0[lo:hi, None]).squeeze(-1)
     score = probs.to(torch.float64)
     if any_random:
         score = torch.where(random_remasking, uniform_rows(seed, step, position, REMASK_SCORE), score)

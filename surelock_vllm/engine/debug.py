@@ -99,7 +99,8 @@ def canvas_logits(runner, token_ids: list[int]) -> torch.Tensor:
         logit_positions=torch.arange(len(token_ids)),
         block_ids=list(range(total_blocks - num_blocks, total_blocks)),
     )
-    return runner._run_rows(build_step_layout([rows], block_size)).float().cpu()
+    hidden = runner._run_rows(build_step_layout([rows], block_size))
+    return runner.model.compute_logits(hidden).float().cpu()
 
 
 class StepTrace:

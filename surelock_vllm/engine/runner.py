@@ -124,8 +124,8 @@ class DiffusionRunnerMixin:
                 raise RuntimeError(f"request {req_id}: scheduler charged {scheduled} rows, runner computes {rows}")
         # Every step of every request computes at least the block's masked
         # rows (steps <= gen_length: each step unmasks at least one position).
-        logits = self._run_rows(self._step_layout(plan, [states[r].block_ids for r in req_ids]))
-        result = batch.step(plan, logits)
+        hidden = self._run_rows(self._step_layout(plan, [states[r].block_ids for r in req_ids]))
+        result = batch.step(plan, hidden, self.model.compute_logits)
 
         next_rows: dict[str, int] = {}
         step_stats: dict[str, dict[str, int]] = {}
@@ -158,10 +158,9 @@ class DiffusionRunnerMixin:
         block_size = self.cache_config.block_size
         batch = self.diffusion_batch()
         canvas_lens = [batch.info[s].canvas_len for s in plan.slots]
-        block_table = torch.zeros((len(block_ids), max(map(len, block_ids))), dtype=torch.int32)
-        for i, ids in enumerate(block_ids):
-            block_table[i, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
-        table = block_table.to(self.device)
+        width = max(map(len, block_ids))
+        table = torch.tensor([ids + [0] * (width - len(ids)) for ids in block_ids], dtype=torch.int32)
+        table = table.to(self.device)
         pos = plan.query_pos
         query_start = [0]
         for rows in plan.num_query_rows:
@@ -180,7 +179,7 @@ class DiffusionRunnerMixin:
         )
 
     def _run_rows(self, layout: StepLayout) -> torch.Tensor:
-        """Transformer over the step's rows; logits of the logit rows (model dtype, on the device)."""
+        """Transformer over the step's rows; final hidden states of the logit rows (on the device)."""
         device = self.device
         slot_mapping = layout.slot_mapping.to(device)
         attn_metadata: dict = {}
@@ -201,4 +200,4 @@ class DiffusionRunnerMixin:
                 input_ids=layout.input_ids.to(device),
                 positions=layout.positions.to(device),
             )
-        return self.model.compute_logits(hidden_states[layout.logit_rows.to(device)])
+        return hidden_states[layout.logit_rows.to(device)]
