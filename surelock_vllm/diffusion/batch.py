@@ -49,7 +49,7 @@ import torch
 from surelock_vllm.diffusion.lock_rule import stepwise_kl
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.diffusion.random import request_seed
-from surelock_vllm.diffusion.sampling import chunk_rows, confidence, num_transfer, sample_x0, top_k_per_group
+from surelock_vllm.diffusion.sampling import chunk_rows, num_transfer, top_k_per_group, x0_and_score
 
 
 # rows of Z whose logits the lock test computes at once: enough to stream the
@@ -244,22 +244,26 @@ class DiffusionBatch:
 
         # -- LLaDA's transfer: x0 and confidence of the block's masked rows, top k per request
         n = plan.num_sampled
-        row_logits, req = lm_head(hidden[:n]).float(), plan.read_b[:n]
+        any_surelock = any(i.surelock for i in infos)
+        # One LM-head call for the block's rows and the first chunk of Z (the
+        # head's weights are read once for both); the rest of Z in the lock test.
+        first_z = min(_HEAD_CHUNK_ROWS, hidden.shape[0] - n) if any_surelock else 0
+        head = lm_head(hidden[: n + first_z]).float()
+        row_logits, req = head[:n], plan.read_b[:n]
         slot, pos = read_slot[:n], plan.read_pos[:n]
-        step = self.steps_done[slot]
-        x0 = sample_x0(row_logits, self.temperature[slot], self.seed[slot], step, pos,
-                       any(i.sampled for i in infos))
-        score = confidence(row_logits, x0, self.random_remasking[slot], self.seed[slot], step, pos,
-                           any(i.random_remasking for i in infos))
+        x0, score = x0_and_score(
+            row_logits, self.temperature[slot], self.random_remasking[slot], self.seed[slot],
+            self.steps_done[slot], pos, any(i.sampled for i in infos), any(i.random_remasking for i in infos),
+        )
         k = num_transfer(self.block_length[index], self.steps_per_block[index], self.step_in_block[index])
         chosen = top_k_per_group(score, req, k)
         self.canvas[slot[chosen], pos[chosen]] = x0[chosen]
         self.masked[slot[chosen], pos[chosen]] = x0[chosen] == self.mask_id
 
         # -- SureLock: test Z against the previous posteriors, lock the sure ones
-        if any(i.surelock for i in infos):
+        if any_surelock:
             unmasked = (chosen & (x0 != self.mask_id) & self.surelock[slot]).nonzero().squeeze(-1)
-            self._lock_step(plan, hidden[n:], lm_head, read_slot[n:], row_logits[unmasked],
+            self._lock_step(plan, hidden[n:], head[n:], lm_head, read_slot[n:], row_logits[unmasked],
                             read_slot[unmasked], pos[unmasked], any(i.gated for i in infos),
                             carry=self._unscheduled_surelock_slots(plan))
 
@@ -274,49 +278,64 @@ class DiffusionBatch:
             info.steps_done += 1
         return self._to_host(plan, infos, blocks_done_before)
 
-    def _lock_step(self, plan, z_hidden, lm_head, slot, unmasked_logits, u_slot, u_pos, any_gated, carry) -> None:
+    def _lock_step(self, plan, z_hidden, first_logits, lm_head, slot, unmasked_logits, u_slot, u_pos,
+                   any_gated, carry) -> None:
         """Lock test over Z (the rows read after the block's), then the store for next step.
 
-        `unmasked_*`: the block rows this step unmasked (SureLock requests), whose
-        posteriors next step's test compares against.
+        `first_logits`: logits of Z's first chunk (computed with the block's
+        rows); `unmasked_*`: the block rows this step unmasked (SureLock
+        requests), whose posteriors next step's test compares against.
         """
         n = plan.num_sampled
         pos, req = plan.read_pos[n:], plan.read_b[n:]
-        num_z, vocab = z_hidden.shape[0], None
+        num_z, vocab = z_hidden.shape[0], first_logits.shape[-1]
         prev = self.prev_index[slot, pos]
         has_prev = prev >= 0
+        eps = self.eps[slot]
         testable = self._store_rows > 0
         kl = torch.full((num_z,), math.inf, device=self.device)
         max_logp = torch.empty((num_z,), device=self.device) if any_gated else None
         carried = self._carried_rows(carry)
         num_carried = 0 if carried is None else carried[0].shape[0]
-        store = None
-        # The LM head a chunk of Z at a time (enough rows to stream the head's
-        # weights once per chunk), then log-softmax and KL a few rows at a
-        # time within it, into reused buffers: at a 126k vocabulary a row is
-        # 0.5 MB, and the test's passes over it then run from cache.
-        head_chunk = max(1, _HEAD_CHUNK_ROWS)
-        for h_lo in range(0, num_z, head_chunk):
-            h_hi = min(h_lo + head_chunk, num_z)
-            logits = lm_head(z_hidden[h_lo:h_hi]).float()
-            if store is None:
-                vocab = logits.shape[-1]
-                store = self._store_buffer(num_carried + num_z + u_slot.shape[0], vocab)
-                chunk = min(chunk_rows(vocab, self.device), num_z)
-                probs, previous, scratch = (logits.new_empty((chunk, vocab)) for _ in range(3))
+        num_unmasked = u_slot.shape[0]
+        # Next step's store: carried rows, Z's rows that stay unlocked, the rows
+        # unmasked now, and one scratch row.
+        store = self._store_buffer(num_carried + num_z + num_unmasked + 1, vocab)
+        # Without the gate a row's decision is known as soon as its KL is, so
+        # only the rows that stay unlocked are written to the store (the rows
+        # that lock now, most of the prompt at a request's second step, never
+        # touch its memory); the gate ranks all of Z first, so then all are kept.
+        compact = not any_gated
+        dest = torch.arange(num_carried, num_carried + num_z, device=self.device)
+        next_row = torch.full((1,), num_carried, dtype=torch.long, device=self.device)
+        chunk = min(chunk_rows(vocab, self.device), max(1, num_z))
+        probs, previous, product, staging = (first_logits.new_empty((chunk, vocab)) for _ in range(4))
+        # Z's LM head a chunk at a time (enough rows to read the head's weights
+        # once per chunk), then log-softmax and KL a few rows at a time within
+        # it, into reused buffers: at a 126k vocabulary a row is 0.5 MB, and
+        # the test's passes over it then run from cache.
+        for h_lo in range(0, num_z, _HEAD_CHUNK_ROWS):
+            h_hi = min(h_lo + _HEAD_CHUNK_ROWS, num_z)
+            logits = first_logits if h_lo == 0 else lm_head(z_hidden[h_lo:h_hi]).float()
             for lo in range(h_lo, h_hi, chunk):
                 hi = min(lo + chunk, h_hi)
-                logp = store[num_carried + lo : num_carried + hi]
+                m = hi - lo
+                logp = staging[:m] if compact else store[num_carried + lo : num_carried + hi]
                 torch.log_softmax(logits[lo - h_lo : hi - h_lo], dim=-1, out=logp)
                 if any_gated:
                     max_logp[lo:hi] = logp.max(dim=-1).values
                 if testable:
                     # rows without a previous posterior (a request's first step) read row 0: masked below
-                    m = hi - lo
                     torch.index_select(self._store, 0, prev[lo:hi].clamp_min(0), out=previous[:m])
                     torch.exp(logp, out=probs[:m])
-                    kl[lo:hi] = stepwise_kl(logp, previous[:m], probs[:m], scratch[:m])
-        sure = has_prev & (kl < self.eps[slot])
+                    kl[lo:hi] = stepwise_kl(logp, previous[:m], probs[:m], product[:m])
+                if compact:
+                    stays = ~(has_prev[lo:hi] & (kl[lo:hi] < eps[lo:hi]))
+                    rows = torch.where(stays, next_row + torch.cumsum(stays, 0) - 1, store.shape[0] - 1)
+                    store.index_copy_(0, rows, logp)
+                    next_row += stays.sum()
+                    dest[lo:hi] = rows
+        sure = has_prev & (kl < eps)
         if any_gated:
             # u = 1 - max p; keep the ceil(m |Z|) least uncertain rows of each request's Z
             uncertainty = 1.0 - max_logp.exp()
@@ -326,11 +345,7 @@ class DiffusionBatch:
         self.locked[slot[sure], pos[sure]] = True
         self.lock_step[slot[sure], pos[sure]] = self.steps_done[slot[sure]].int()
 
-        # Next step's Z: this step's Z that did not lock, and the rows unmasked
-        # now; requests not in this step keep their rows for their next step.
-        if store is None:
-            vocab = unmasked_logits.shape[-1] if unmasked_logits.numel() else self._store.shape[-1]
-            store = self._store_buffer(num_carried + u_slot.shape[0], vocab)
+        # Address the new store: requests not in this step keep their rows.
         if carried is not None:
             c_slot, c_pos, c_rows = carried
             torch.index_select(self._store, 0, c_rows, out=store[:num_carried])
@@ -339,12 +354,13 @@ class DiffusionBatch:
         if carried is not None:
             self.prev_index[c_slot, c_pos] = torch.arange(num_carried, device=self.device)
         kept = (~sure).nonzero().squeeze(-1)
-        self.prev_index[slot[kept], pos[kept]] = kept + num_carried
-        if u_slot.numel():
-            start = num_carried + num_z
-            self.prev_index[u_slot, u_pos] = torch.arange(u_slot.shape[0], device=self.device) + start
-            torch.log_softmax(unmasked_logits, dim=-1, out=store[start : start + u_slot.shape[0]])
-        self._swap_store(store, num_carried + num_z + u_slot.shape[0])
+        self.prev_index[slot[kept], pos[kept]] = dest[kept]
+        if num_unmasked:
+            start = next_row if compact else num_carried + num_z
+            rows = torch.arange(num_unmasked, device=self.device) + start
+            self.prev_index[u_slot, u_pos] = rows
+            store.index_copy_(0, rows, torch.log_softmax(unmasked_logits, dim=-1))
+        self._swap_store(store, num_carried + num_z + num_unmasked)
 
     def _carried_rows(self, carry: list[int]):
         """(slot, position, store row) of the stored posteriors of SureLock requests not in this step."""

@@ -16,7 +16,7 @@ import torch
 from surelock_vllm.diffusion.lock_rule import LockState
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.diffusion.random import request_seed
-from surelock_vllm.diffusion.sampling import confidence, sample_x0, top_k_per_group, transfer_schedule
+from surelock_vllm.diffusion.sampling import top_k_per_group, transfer_schedule, x0_and_score
 
 
 @dataclass
@@ -167,9 +167,10 @@ def llada_transfer(
         return torch.full((n,), value, dtype=dtype)
 
     seeds, steps = per_row(seed, torch.long), per_row(step, torch.long)
-    x0 = sample_x0(logits, per_row(options.temperature, torch.float64), seeds, steps, positions,
-                   options.temperature > 0)
     random = options.remasking == "random"
-    score = confidence(logits, x0, per_row(random, torch.bool), seeds, steps, positions, random)
+    x0, score = x0_and_score(
+        logits, per_row(options.temperature, torch.float64), per_row(random, torch.bool),
+        seeds, steps, positions, options.temperature > 0, random,
+    )
     chosen = top_k_per_group(score, per_row(0, torch.long), torch.tensor([k]))
     return x0, chosen

@@ -40,51 +40,48 @@ def num_transfer(block_length: torch.Tensor, steps_per_block: torch.Tensor, step
     return base + (step_in_block < block_length - base * steps_per_block).to(base.dtype)
 
 
-def sample_x0(
+def x0_and_score(
     logits: torch.Tensor,
     temperature: torch.Tensor,
-    seed: torch.Tensor,
-    step: torch.Tensor,
-    position: torch.Tensor,
-    any_sampled: bool,
-) -> torch.Tensor:
-    """x0 per row of float32 `logits` [rows, vocab]; per-row temperature, seed, step, position.
-
-    `any_sampled`: whether some row has temperature > 0 (the caller knows it
-    on the host; without it no row draws noise).
-    """
-    x0 = logits.argmax(dim=-1)
-    if any_sampled:
-        hot = (temperature > 0).nonzero().squeeze(-1)
-        if hot.numel():
-            noise = uniform_matrix(seed[hot], step[hot], position[hot], logits.shape[-1], GUMBEL)
-            gumbel = (-torch.log(noise)) ** temperature[hot, None]
-            x0[hot] = (logits[hot].to(torch.float64).exp() / gumbel).argmax(dim=-1)
-    return x0
-
-
-def confidence(
-    logits: torch.Tensor,
-    x0: torch.Tensor,
     random_remasking: torch.Tensor,
     seed: torch.Tensor,
     step: torch.Tensor,
     position: torch.Tensor,
+    any_sampled: bool,
     any_random: bool,
-) -> torch.Tensor:
-    """Unmasking score per row, float64: p(x0), or a uniform score for `random` rows."""
-    probs = torch.empty(x0.shape, dtype=logits.dtype, device=logits.device)
-    # a few rows at a time into one buffer: the softmax of a 126k-token row is 0.5 MB
-    chunk = min(chunk_rows(logits.shape[-1], logits.device), max(1, logits.shape[0]))
-    buffer = logits.new_empty((chunk, logits.shape[-1]))
-    for lo in range(0, logits.shape[0], chunk):
-        hi = min(lo + chunk, logits.shape[0])
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 and unmasking score per row of float32 `logits` [rows, vocab].
+
+    Per row: temperature, remasking, seed, step and canvas position. x0 is the
+    argmax (temperature 0) or LLaDA's Gumbel-max; the score is p(x0) under
+    the softmax (`low_confidence`) or a uniform number (`random`), float64.
+    `any_sampled` / `any_random`: whether some row has temperature > 0 /
+    random remasking (the caller knows it on the host).
+
+    The argmax and softmax run a few rows at a time into one buffer: a
+    126k-token row is 0.5 MB, and both passes then read it from cache.
+    """
+    rows, vocab = logits.shape
+    x0 = torch.empty((rows,), dtype=torch.long, device=logits.device)
+    probs = torch.empty((rows,), dtype=logits.dtype, device=logits.device)
+    chunk = min(chunk_rows(vocab, logits.device), max(1, rows))
+    buffer = logits.new_empty((chunk, vocab))
+    for lo in range(0, rows, chunk):
+        hi = min(lo + chunk, rows)
+        torch.argmax(logits[lo:hi], dim=-1, out=x0[lo:hi])
         softmax = torch.softmax(logits[lo:hi], dim=-1, out=buffer[: hi - lo])
         probs[lo:hi] = torch.gather(softmax, -1, x0[lo:hi, None]).squeeze(-1)
+    if any_sampled:
+        hot = (temperature > 0).nonzero().squeeze(-1)
+        if hot.numel():
+            noise = uniform_matrix(seed[hot], step[hot], position[hot], vocab, GUMBEL)
+            gumbel = (-torch.log(noise)) ** temperature[hot, None]
+            x0[hot] = (logits[hot].to(torch.float64).exp() / gumbel).argmax(dim=-1)
+            probs[hot] = torch.gather(torch.softmax(logits[hot], dim=-1), -1, x0[hot, None]).squeeze(-1)
     score = probs.to(torch.float64)
     if any_random:
         score = torch.where(random_remasking, uniform_rows(seed, step, position, REMASK_SCORE), score)
-    return score
+    return x0, score
 
 
 def top_k_per_group(score: torch.Tensor, group: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
