@@ -288,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     if failures:
         print("\nCORRECTNESS FAILURES:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
-    print("correctness gate passed: SureLock eps=0 == no-lock, SureLock == plain-torch SureLock reference, "
+    control = "SureLock eps=0 == no-lock" + (f" (cells up to batch {args.control_max_batch})"
+                                              if args.control_max_batch is not None else "")
+    print(f"correctness gate passed: {control}, SureLock == plain-torch SureLock reference, "
           "no-lock == reference sampler")
     return 0
 

@@ -54,7 +54,10 @@ from surelock_vllm.diffusion.sampling import chunk_rows, num_transfer, top_k_per
 
 # rows of Z whose logits the lock test computes at once: enough to stream the
 # LM head's weights once for many rows, few enough to bound the memory
-_HEAD_CHUNK_ROWS = 128
+# (64 x 126,464 x 4 B = 31 MiB)
+_HEAD_CHUNK_ROWS = 64
+# a Z up to this many rows shares the block rows' LM-head call
+_SHARED_HEAD_ROWS = 32
 
 
 @dataclass
@@ -245,9 +248,11 @@ class DiffusionBatch:
         # -- LLaDA's transfer: x0 and confidence of the block's masked rows, top k per request
         n = plan.num_sampled
         any_surelock = any(i.surelock for i in infos)
-        # One LM-head call for the block's rows and the first chunk of Z (the
-        # head's weights are read once for both); the rest of Z in the lock test.
-        first_z = min(_HEAD_CHUNK_ROWS, hidden.shape[0] - n) if any_surelock else 0
+        # A small Z (the usual case once the prompt has locked) shares the
+        # block rows' LM-head call (the head's weights are read once for both);
+        # a large one gets its logits a chunk at a time in the lock test.
+        num_z = hidden.shape[0] - n
+        first_z = num_z if any_surelock and num_z <= _SHARED_HEAD_ROWS else 0
         head = lm_head(hidden[: n + first_z]).float()
         row_logits, req = head[:n], plan.read_b[:n]
         slot, pos = read_slot[:n], plan.read_pos[:n]
@@ -263,7 +268,9 @@ class DiffusionBatch:
         # -- SureLock: test Z against the previous posteriors, lock the sure ones
         if any_surelock:
             unmasked = (chosen & (x0 != self.mask_id) & self.surelock[slot]).nonzero().squeeze(-1)
-            self._lock_step(plan, hidden[n:], head[n:], lm_head, read_slot[n:], row_logits[unmasked],
+            unmasked_logits, z_logits = row_logits[unmasked], (head[n:] if first_z else None)
+            del head, row_logits  # the block rows' logits are done with: free them before the test
+            self._lock_step(plan, hidden[n:], z_logits, lm_head, read_slot[n:], unmasked_logits,
                             read_slot[unmasked], pos[unmasked], any(i.gated for i in infos),
                             carry=self._unscheduled_surelock_slots(plan))
 
@@ -278,17 +285,18 @@ class DiffusionBatch:
             info.steps_done += 1
         return self._to_host(plan, infos, blocks_done_before)
 
-    def _lock_step(self, plan, z_hidden, first_logits, lm_head, slot, unmasked_logits, u_slot, u_pos,
+    def _lock_step(self, plan, z_hidden, z_logits, lm_head, slot, unmasked_logits, u_slot, u_pos,
                    any_gated, carry) -> None:
         """Lock test over Z (the rows read after the block's), then the store for next step.
 
-        `first_logits`: logits of Z's first chunk (computed with the block's
-        rows); `unmasked_*`: the block rows this step unmasked (SureLock
-        requests), whose posteriors next step's test compares against.
+        `z_logits`: Z's logits if they were computed with the block's rows,
+        else None (computed here a chunk at a time); `unmasked_*`: the block
+        rows this step unmasked (SureLock requests), whose posteriors next
+        step's test compares against.
         """
         n = plan.num_sampled
         pos, req = plan.read_pos[n:], plan.read_b[n:]
-        num_z, vocab = z_hidden.shape[0], first_logits.shape[-1]
+        num_z, vocab = z_hidden.shape[0], unmasked_logits.shape[-1]
         prev = self.prev_index[slot, pos]
         has_prev = prev >= 0
         eps = self.eps[slot]
@@ -309,14 +317,15 @@ class DiffusionBatch:
         dest = torch.arange(num_carried, num_carried + num_z, device=self.device)
         next_row = torch.full((1,), num_carried, dtype=torch.long, device=self.device)
         chunk = min(chunk_rows(vocab, self.device), max(1, num_z))
-        probs, previous, product, staging = (first_logits.new_empty((chunk, vocab)) for _ in range(4))
+        probs, previous, product, staging = (unmasked_logits.new_empty((chunk, vocab)) for _ in range(4))
         # Z's LM head a chunk at a time (enough rows to read the head's weights
         # once per chunk), then log-softmax and KL a few rows at a time within
         # it, into reused buffers: at a 126k vocabulary a row is 0.5 MB, and
         # the test's passes over it then run from cache.
-        for h_lo in range(0, num_z, _HEAD_CHUNK_ROWS):
-            h_hi = min(h_lo + _HEAD_CHUNK_ROWS, num_z)
-            logits = first_logits if h_lo == 0 else lm_head(z_hidden[h_lo:h_hi]).float()
+        head_rows = max(1, num_z) if z_logits is not None else _HEAD_CHUNK_ROWS
+        for h_lo in range(0, num_z, head_rows):
+            h_hi = min(h_lo + head_rows, num_z)
+            logits = z_logits if z_logits is not None else lm_head(z_hidden[h_lo:h_hi]).float()
             for lo in range(h_lo, h_hi, chunk):
                 hi = min(lo + chunk, h_hi)
                 m = hi - lo
