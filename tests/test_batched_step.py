@@ -127,6 +127,8 @@ def test_batched_step_equals_one_request_oracle(seed):
         assert steps_taken < 500
     assert out_batch == out_oracle
     assert len(batch) == 0
+    # with no SureLock request left, the previous posteriors' memory is released
+    assert batch.store_bytes() == 0 and batch._store.numel() == 0
     # the mix locked something and sampled something (the test exercises both paths)
     assert any(o.lock is not None and o.lock.num_locked for o in oracles.values())
 

@@ -204,6 +204,10 @@ class DiffusionBatch:
     def remove(self, slot: int) -> None:
         del self.info[slot]
         self._free.append(slot)
+        if not any(i.surelock for i in self.info.values()):
+            # no lock test left to feed: give the store's memory back
+            self._store, self._store_rows = torch.empty((0, 0), device=self.device), 0
+            self._store_base = self._spare = None
 
     # -- one step ------------------------------------------------------------------
     def plan(self, slots: list[int]) -> BatchPlan:
