@@ -8,7 +8,8 @@ tensor operations over all of them, with no loop over requests:
 
   plan:   rows to compute (unlocked), rows to read (the block's masked rows,
           and with SureLock the lock candidates Z), laid out flat;
-  step:   given the logits of the rows read: x0 and confidence (sampling.py),
+  step:   given the final hidden states of the rows read and the LM head:
+          x0 and confidence of the block's rows (sampling.py),
           the top-k transfer per request, then for SureLock requests the
           step-wise KL of Z against the previous posteriors, the confidence
           gate, and the new locks.
@@ -23,8 +24,9 @@ So the lock test only ever needs the posteriors of the previous step, and only
 for the rows it will test next. The batch keeps exactly those: the
 log-probabilities this step computed for Z and for the rows it unmasked, in
 one float32 buffer (`_store`, addressed by `prev_index`), written in place by
-the lock test's own log-softmax; two buffers alternate, one read while the
-other is written. Nothing is recomputed, and no [canvas, vocab] tensor exists:
+the lock test's own log-softmax (without the gate, only for the rows that
+stay unlocked); two buffers alternate, one read while the other is written,
+and both are released when no SureLock request is left. Nothing is recomputed, and no [canvas, vocab] tensor exists:
 the store holds |Z| rows, the rows the step's lock test computes anyway. Z's
 logits are computed a chunk at a time inside the test and never exist whole.
 The decisions are those of `lock_rule.LockState`, which keeps every row's
