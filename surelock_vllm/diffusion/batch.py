@@ -76,7 +76,6 @@ class SlotInfo:
     gated: bool
     next_rows: int  # rows its next step computes (the scheduler's charge)
     blocks_done: int = 0
-    steps_done: int = 0
 
 
 @dataclass
@@ -94,10 +93,6 @@ class BatchPlan:
     read_pos: torch.Tensor  # [G] its canvas position
     read_rows: torch.Tensor  # [G] its index among the computed rows
     num_sampled: int  # the first num_sampled rows read are block rows, the rest Z
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.query_pos.shape[0])
 
 
 @dataclass
@@ -287,8 +282,6 @@ class DiffusionBatch:
         block_done = self.step_in_block[index] >= self.steps_per_block[index]
         self.block[index] += block_done.long()
         self.step_in_block[index] = torch.where(block_done, 0, self.step_in_block[index])
-        for info in infos:
-            info.steps_done += 1
         return self._to_host(plan, infos, blocks_done_before)
 
     def _lock_step(self, plan, z_hidden, z_logits, lm_head, slot, unmasked_logits, u_slot, u_pos,

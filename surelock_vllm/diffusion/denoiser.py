@@ -121,9 +121,8 @@ class CanvasDenoiser:
         return self.plan().logit_positions
 
     # -- one step -------------------------------------------------------------
-    def step(self, logits: torch.Tensor, logp: torch.Tensor | None = None) -> list[int] | None:
-        """Unmask this step's positions, given logits of `logit_positions()`
-        (and optionally their log-softmax, for the lock test).
+    def step(self, logits: torch.Tensor) -> list[int] | None:
+        """Unmask this step's positions, given logits of `logit_positions()`.
 
         Returns the block's final tokens when this step completes a block,
         else None.
@@ -146,7 +145,7 @@ class CanvasDenoiser:
             # (a sampled mask token stays masked, as in the reference loop)
             self.masked[unmasked] = x0[chosen] == self.mask_id
         if self.lock is not None:
-            self.lock.observe(plan.logit_positions, all_logits, plan.lock_candidates, self.num_steps_done, logp)
+            self.lock.observe(plan.logit_positions, all_logits, plan.lock_candidates, self.num_steps_done)
         self.num_steps_done += 1
         self.step_in_block += 1
         if self.step_in_block < self.options.steps_per_block:

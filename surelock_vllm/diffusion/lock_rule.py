@@ -87,18 +87,14 @@ class LockState:
         logits: torch.Tensor,
         z: torch.Tensor,
         step: int,
-        logp: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Record posteriors of `positions` and lock the converged ones of Z.
 
         `positions` are the rows whose logits this step computed; `z` the
-        candidate mask taken before the sampler unmasked anything this step;
-        `logp`, if given, is `log_softmax(logits)` computed by the caller
-        (the runner does it once for the whole batch). Returns the positions
-        locked now.
+        candidate mask taken before the sampler unmasked anything this step.
+        Returns the positions locked now.
         """
-        if logp is None:
-            logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         if self._prev_logp is None:
             self._prev_logp = torch.zeros(self.locked.shape[0], logp.shape[-1])
         newly = _EMPTY

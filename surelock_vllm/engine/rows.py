@@ -35,7 +35,6 @@ class StepLayout:
     seq_lens: torch.Tensor  # [num_reqs] int32, full canvas lengths
     block_table: torch.Tensor  # [num_reqs, max_blocks] int32
     logit_rows: torch.Tensor  # [num_logits] indices into the flat rows
-    logit_start_loc: list[int]  # [num_reqs + 1] offsets into logit_rows
     max_query_len: int
     max_seq_len: int
 
@@ -56,7 +55,7 @@ def slot_mapping_for(positions: torch.Tensor, block_ids: list[int], block_size: 
 
 def build_step_layout(requests: list[RequestRows], block_size: int) -> StepLayout:
     input_ids, positions, slots, logit_rows = [], [], [], []
-    query_start, logit_start = [0], [0]
+    query_start = [0]
     seq_lens = []
     max_blocks = max(len(r.block_ids) for r in requests)
     block_table = torch.zeros((len(requests), max_blocks), dtype=torch.int32)
@@ -79,7 +78,6 @@ def build_step_layout(requests: list[RequestRows], block_size: int) -> StepLayou
             raise ValueError("a logit position is not among the query rows")
         logit_rows.append(local + query_start[-1])
         query_start.append(query_start[-1] + q.shape[0])
-        logit_start.append(logit_start[-1] + local.shape[0])
         seq_lens.append(canvas_len)
         block_table[i, : len(req.block_ids)] = blocks
     query_lens = [b - a for a, b in zip(query_start, query_start[1:])]
@@ -91,7 +89,6 @@ def build_step_layout(requests: list[RequestRows], block_size: int) -> StepLayou
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         block_table=block_table,
         logit_rows=torch.cat(logit_rows),
-        logit_start_loc=logit_start,
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
     )

@@ -173,7 +173,6 @@ class DiffusionRunnerMixin:
             seq_lens=torch.tensor(canvas_lens, dtype=torch.int32),
             block_table=table,
             logit_rows=plan.read_rows,
-            logit_start_loc=[],
             max_query_len=max(plan.num_query_rows),
             max_seq_len=max(canvas_lens),
         )
