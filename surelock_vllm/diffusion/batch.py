@@ -23,12 +23,17 @@ read at t-1 (Z as candidates, the unmasked ones as the block's masked rows).
 So the lock test only ever needs the posteriors of the previous step, and only
 for the rows it will test next. The batch keeps exactly those: the
 log-probabilities this step computed for Z and for the rows it unmasked, in
-one float32 buffer (`_store`, addressed by `prev_index`), written in place by
-the lock test's own log-softmax (without the gate, only for the rows that
-stay unlocked); two buffers alternate, one read while the other is written,
-and both are released when no SureLock request is left. Nothing is recomputed, and no [canvas, vocab] tensor exists:
-the store holds |Z| rows, the rows the step's lock test computes anyway. Z's
-logits are computed a chunk at a time inside the test and never exist whole.
+one float32 buffer (`_store`, addressed by `prev_index`), copied there by the
+lock test from its own log-softmax (without the gate, only the rows that stay
+unlocked); two buffers alternate, one read while the other is written, and
+both are released when no SureLock request is left. One exception: at a
+request's first step its whole prompt is in Z with nothing to compare against
+yet, and most of it locks at the next step; those rows keep their final hidden
+state instead (`_hidden`, addressed by `prev_hidden`: d_model values, not a
+vocabulary's) and the next step recomputes their posteriors once, counted in
+the request's logit rows. No [canvas, vocab] tensor exists: the store holds
+the rows of Z that stay unlocked, and Z's logits are computed a chunk at a
+time inside the test and never exist whole.
 The decisions are those of `lock_rule.LockState`, which keeps every row's
 last posterior: the two differ only in rows it never reads again.
 
@@ -76,6 +81,7 @@ class SlotInfo:
     gated: bool
     next_rows: int  # rows its next step computes (the scheduler's charge)
     blocks_done: int = 0
+    stepped: bool = False  # has taken its first step (Z's rows all have a previous posterior)
 
 
 @dataclass
@@ -125,6 +131,11 @@ class DiffusionBatch:
         self.lock_step = grid(torch.int32, -1)  # step each position locked at (-1: never)
         # row of `_store` holding each position's previous posterior, -1: none
         self.prev_index = grid(torch.long, -1)
+        # row of `_hidden` holding the final hidden state a position's previous
+        # posterior is recomputed from (rows first read at a request's first step), -1: none
+        self.prev_hidden = grid(torch.long, -1)
+        self._hidden: torch.Tensor | None = None
+        self._hidden_rows = 0
         self._store = torch.empty((0, 0), device=device)  # log-probabilities, float32
         self._store_rows = 0
         self._store_base: torch.Tensor | None = None  # the buffer _store is a view of
@@ -177,6 +188,7 @@ class DiffusionBatch:
         self.locked[slot].fill_(False)
         self.lock_step[slot].fill_(-1)
         self.prev_index[slot].fill_(-1)
+        self.prev_hidden[slot].fill_(-1)
         lock = surelock if surelock is not None and surelock.enabled else None
         values = {
             "prompt_len": p, "canvas_len": canvas_len, "block_length": options.block_length,
@@ -205,6 +217,7 @@ class DiffusionBatch:
             # no lock test left to feed: give the store's memory back
             self._store, self._store_rows = torch.empty((0, 0), device=self.device), 0
             self._store_base = self._spare = None
+            self._hidden, self._hidden_rows = None, 0
 
     # -- one step ------------------------------------------------------------------
     def plan(self, slots: list[int]) -> BatchPlan:
@@ -267,13 +280,17 @@ class DiffusionBatch:
         self.masked[slot[chosen], pos[chosen]] = x0[chosen] == self.mask_id
 
         # -- SureLock: test Z against the previous posteriors, lock the sure ones
+        recomputed = None
         if any_surelock:
             unmasked = (chosen & (x0 != self.mask_id) & self.surelock[slot]).nonzero().squeeze(-1)
             unmasked_logits, z_logits = row_logits[unmasked], (head[n:] if first_z else None)
             del head, row_logits  # the block rows' logits are done with: free them before the test
-            self._lock_step(plan, hidden[n:], z_logits, lm_head, read_slot[n:], unmasked_logits,
-                            read_slot[unmasked], pos[unmasked], any(i.gated for i in infos),
-                            carry=self._unscheduled_surelock_slots(plan))
+            recomputed = self._lock_step(
+                plan, hidden[n:], z_logits, lm_head, read_slot[n:], unmasked_logits,
+                read_slot[unmasked], pos[unmasked], any(i.gated for i in infos),
+                first_step=any(i.surelock and not i.stepped for i in infos),
+                carry=self._unscheduled_surelock_slots(plan),
+            )
 
         # -- advance, and bring counters and the current blocks' tokens to the host
         blocks_done_before = self.block[index]
@@ -282,27 +299,38 @@ class DiffusionBatch:
         block_done = self.step_in_block[index] >= self.steps_per_block[index]
         self.block[index] += block_done.long()
         self.step_in_block[index] = torch.where(block_done, 0, self.step_in_block[index])
-        return self._to_host(plan, infos, blocks_done_before)
+        return self._to_host(plan, infos, blocks_done_before, recomputed)
 
     def _lock_step(self, plan, z_hidden, z_logits, lm_head, slot, unmasked_logits, u_slot, u_pos,
-                   any_gated, carry) -> None:
+                   any_gated, first_step, carry) -> torch.Tensor | None:
         """Lock test over Z (the rows read after the block's), then the store for next step.
 
         `z_logits`: Z's logits if they were computed with the block's rows,
         else None (computed here a chunk at a time); `unmasked_*`: the block
         rows this step unmasked (SureLock requests), whose posteriors next
-        step's test compares against.
+        step's test compares against; `first_step`: some request takes its
+        first step. Returns the logit rows recomputed per scheduled request
+        (None when none could be).
         """
         n = plan.num_sampled
         pos, req = plan.read_pos[n:], plan.read_b[n:]
         num_z, vocab = z_hidden.shape[0], unmasked_logits.shape[-1]
         prev = self.prev_index[slot, pos]
-        has_prev = prev >= 0
+        prev_h = self.prev_hidden[slot, pos] if self._hidden_rows else None
+        has_prev = prev >= 0 if prev_h is None else (prev >= 0) | (prev_h >= 0)
         eps = self.eps[slot]
-        testable = self._store_rows > 0
+        testable = self._store_rows > 0 or self._hidden_rows > 0
+        recomputed = None if prev_h is None else torch.zeros(len(plan.slots), dtype=torch.long, device=self.device)
+        # At a request's first step all of its prompt is in Z, none of it with
+        # a previous posterior: those rows keep their final hidden state
+        # (d_model values instead of a vocabulary's) and next step recomputes
+        # their posteriors from it, once. Without this, the prompts of a batch
+        # of new requests would hold 0.5 MB per row at LLaDA-8B's vocabulary.
+        to_hidden = ~has_prev if first_step else None
         kl = torch.full((num_z,), math.inf, device=self.device)
         max_logp = torch.empty((num_z,), device=self.device) if any_gated else None
-        carried = self._carried_rows(carry)
+        carried = self._carried_rows(carry, self.prev_index, self._store_rows)
+        carried_hidden = self._carried_rows(carry, self.prev_hidden, self._hidden_rows)
         num_carried = 0 if carried is None else carried[0].shape[0]
         num_unmasked = u_slot.shape[0]
         # Next step's store: carried rows, Z's rows that stay unlocked, the rows
@@ -313,7 +341,7 @@ class DiffusionBatch:
         # that lock now, most of the prompt at a request's second step, never
         # touch its memory); the gate ranks all of Z first, so then all are kept.
         compact = not any_gated
-        dest = torch.arange(num_carried, num_carried + num_z, device=self.device)
+        dest = torch.full((num_z,), -1, dtype=torch.long, device=self.device)  # store row, -1: none
         next_row = torch.full((1,), num_carried, dtype=torch.long, device=self.device)
         chunk = min(chunk_rows(vocab, self.device), max(1, num_z))
         probs, previous, product, staging = (unmasked_logits.new_empty((chunk, vocab)) for _ in range(4))
@@ -325,24 +353,32 @@ class DiffusionBatch:
         for h_lo in range(0, num_z, head_rows):
             h_hi = min(h_lo + head_rows, num_z)
             logits = z_logits if z_logits is not None else lm_head(z_hidden[h_lo:h_hi]).float()
+            head_previous = None
+            if testable and prev_h is not None:
+                head_previous = self._previous_with_recomputed(
+                    prev[h_lo:h_hi], prev_h[h_lo:h_hi], req[h_lo:h_hi], vocab, lm_head, recomputed)
             for lo in range(h_lo, h_hi, chunk):
                 hi = min(lo + chunk, h_hi)
                 m = hi - lo
-                logp = staging[:m] if compact else store[num_carried + lo : num_carried + hi]
+                logp = staging[:m]
                 torch.log_softmax(logits[lo - h_lo : hi - h_lo], dim=-1, out=logp)
                 if any_gated:
                     max_logp[lo:hi] = logp.max(dim=-1).values
                 if testable:
-                    # rows without a previous posterior (a request's first step) read row 0: masked below
-                    torch.index_select(self._store, 0, prev[lo:hi].clamp_min(0), out=previous[:m])
+                    if head_previous is not None:
+                        before = head_previous[lo - h_lo : hi - h_lo]
+                    else:
+                        # rows without a previous posterior read row 0: masked below
+                        before = torch.index_select(self._store, 0, prev[lo:hi].clamp_min(0), out=previous[:m])
                     torch.exp(logp, out=probs[:m])
-                    kl[lo:hi] = stepwise_kl(logp, previous[:m], probs[:m], product[:m])
-                if compact:
-                    stays = ~(has_prev[lo:hi] & (kl[lo:hi] < eps[lo:hi]))
-                    rows = torch.where(stays, next_row + torch.cumsum(stays, 0) - 1, store.shape[0] - 1)
-                    store.index_copy_(0, rows, logp)
-                    next_row += stays.sum()
-                    dest[lo:hi] = rows
+                    kl[lo:hi] = stepwise_kl(logp, before, probs[:m], product[:m])
+                write = ~(has_prev[lo:hi] & (kl[lo:hi] < eps[lo:hi])) if compact else torch.ones_like(has_prev[lo:hi])
+                if to_hidden is not None:
+                    write &= ~to_hidden[lo:hi]
+                rows = torch.where(write, next_row + torch.cumsum(write, 0) - 1, store.shape[0] - 1)
+                store.index_copy_(0, rows, logp)
+                next_row += write.sum()
+                dest[lo:hi] = torch.where(write, rows, -1)
         sure = has_prev & (kl < eps)
         if any_gated:
             # u = 1 - max p; keep the ceil(m |Z|) least uncertain rows of each request's Z
@@ -354,28 +390,56 @@ class DiffusionBatch:
         self.lock_step[slot[sure], pos[sure]] = self.steps_done[slot[sure]].int()
 
         # Address the new store: requests not in this step keep their rows.
+        for grid in (self.prev_index, self.prev_hidden) if self._hidden_rows else (self.prev_index,):
+            stale_req, stale_pos = (grid[plan.slot_index] >= 0).nonzero(as_tuple=True)
+            grid[plan.slot_index[stale_req], stale_pos] = -1
         if carried is not None:
             c_slot, c_pos, c_rows = carried
             torch.index_select(self._store, 0, c_rows, out=store[:num_carried])
-        stale_req, stale_pos = (self.prev_index[plan.slot_index] >= 0).nonzero(as_tuple=True)
-        self.prev_index[plan.slot_index[stale_req], stale_pos] = -1
-        if carried is not None:
             self.prev_index[c_slot, c_pos] = torch.arange(num_carried, device=self.device)
         kept = (~sure).nonzero().squeeze(-1)
         self.prev_index[slot[kept], pos[kept]] = dest[kept]
         if num_unmasked:
-            start = next_row if compact else num_carried + num_z
-            rows = torch.arange(num_unmasked, device=self.device) + start
+            rows = torch.arange(num_unmasked, device=self.device) + next_row
             self.prev_index[u_slot, u_pos] = rows
             store.index_copy_(0, rows, torch.log_softmax(unmasked_logits, dim=-1))
         self._swap_store(store, num_carried + num_z + num_unmasked)
 
-    def _carried_rows(self, carry: list[int]):
-        """(slot, position, store row) of the stored posteriors of SureLock requests not in this step."""
-        if not carry or not self._store_rows:
+        # The hidden states kept for recomputation: carried rows, then all of
+        # Z's when a request took its first step (only the rows without a
+        # previous posterior are addressed; d_model values a row).
+        kept_hidden = []
+        if carried_hidden is not None:
+            h_slot, h_pos, h_rows = carried_hidden
+            kept_hidden.append(self._hidden[h_rows])
+            self.prev_hidden[h_slot, h_pos] = torch.arange(h_rows.shape[0], device=self.device)
+        if to_hidden is not None:
+            base = sum(t.shape[0] for t in kept_hidden)
+            kept_hidden.append(z_hidden)
+            self.prev_hidden[slot, pos] = torch.where(to_hidden, torch.arange(num_z, device=self.device) + base, -1)
+        self._hidden = torch.cat(kept_hidden) if kept_hidden else None
+        self._hidden_rows = 0 if self._hidden is None else self._hidden.shape[0]
+        return recomputed
+
+    def _previous_with_recomputed(self, prev, prev_h, req, vocab, lm_head, recomputed) -> torch.Tensor:
+        """Previous posteriors [rows, vocab] of some Z rows: from the store, or recomputed
+        from the kept hidden state (counted per request in `recomputed`)."""
+        if self._store_rows:
+            before = torch.index_select(self._store, 0, prev.clamp_min(0))
+        else:
+            before = torch.zeros((prev.shape[0], vocab), device=self.device)
+        again = (prev_h >= 0).nonzero().squeeze(-1)
+        if again.numel():
+            before[again] = torch.log_softmax(lm_head(self._hidden[prev_h[again]]).float(), dim=-1)
+            recomputed.index_add_(0, req[again], torch.ones_like(again))
+        return before
+
+    def _carried_rows(self, carry: list[int], grid: torch.Tensor, stored: int):
+        """(slot, position, row) of what `grid` addresses for SureLock requests not in this step."""
+        if not carry or not stored:
             return None
         carry_index = torch.tensor(carry, dtype=torch.long, device=self.device)
-        old = self.prev_index[carry_index]
+        old = grid[carry_index]
         c_req, c_pos = (old >= 0).nonzero(as_tuple=True)
         if not c_req.numel():
             return None
@@ -405,7 +469,8 @@ class DiffusionBatch:
         scheduled = set(plan.slots)
         return [s for s, i in self.info.items() if i.surelock and s not in scheduled]
 
-    def _to_host(self, plan: BatchPlan, infos: list[SlotInfo], block_before: torch.Tensor) -> StepResult:
+    def _to_host(self, plan: BatchPlan, infos: list[SlotInfo], block_before: torch.Tensor,
+                 recomputed: torch.Tensor | None) -> StepResult:
         index = plan.slot_index
         width = plan.width
         valid = torch.arange(width, device=self.device)[None, :] < self.canvas_len[index, None]
@@ -417,7 +482,9 @@ class DiffusionBatch:
             [
                 (valid & ~locked).sum(1, keepdim=True),
                 locked.sum(1, keepdim=True),
-                torch.bincount(plan.read_b, minlength=len(plan.slots))[:, None],
+                # logit rows: the rows read, and previous posteriors recomputed
+                (torch.bincount(plan.read_b, minlength=len(plan.slots))
+                 + (0 if recomputed is None else recomputed))[:, None],
                 self.block[index, None],
                 self.canvas[index[:, None], cols],
             ],
@@ -428,6 +495,7 @@ class DiffusionBatch:
             next_rows, locked_count, logit_rows, block = row[:4]
             done = block > info.blocks_done
             info.blocks_done = block
+            info.stepped = True
             info.next_rows = next_rows
             result.block_tokens.append(row[4 : 4 + info.block_length] if done else None)
             result.finished.append(block >= info.num_blocks)
