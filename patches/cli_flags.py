@@ -5,8 +5,10 @@ What: adds to every vLLM engine command line (`vllm serve`, `vllm bench`, ...)
                                 and, when `surelock` is among them, turn
                                 SureLock on as the server default
   --surelock / --no-surelock    SureLock on/off by default
-  --surelock-eps, --surelock-confidence-gate, --surelock-lock-prompt
-  --diffusion-block-length, --diffusion-remasking, --diffusion-gen-length
+  --surelock-eps, --surelock-confidence-gate, --surelock-lock-prompt,
+  --surelock-candidates, --surelock-kl-test, --surelock-preset
+  --diffusion-block-length, --diffusion-remasking, --diffusion-gen-length,
+  --diffusion-confidence-threshold
   --diffusion-max-gen-length, --diffusion-max-steps   (per-request limits)
 and folds them into `--additional-config '{"surelock": {...}}'` (the engine's
 only channel for plugin settings). `--diffusion-gen-length` (default 128, the
@@ -51,10 +53,26 @@ _FLAGS = (
     ("--surelock-lock-prompt", "surelock_lock_prompt", "lock_prompt",
      dict(action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
           help="let prompt positions lock (default: on, as in the paper)")),
+    ("--surelock-candidates", "surelock_candidates", "candidates",
+     dict(choices=["before_unmask", "after_unmask"], default=argparse.SUPPRESS,
+          help="when lock candidates are formed: before the step unmasks (default) or after it "
+          "(the paper's Algorithm 1: a token can lock at the step that unmasks it)")),
+    ("--surelock-kl-test", "surelock_kl_test", "kl_test",
+     dict(choices=["<", "<="], default=argparse.SUPPRESS,
+          help="sure test on the step-wise KL: D < eps (default) or D <= eps (Algorithm 1)")),
+    ("--surelock-preset", "surelock_preset", "preset",
+     dict(choices=["paper"], default=argparse.SUPPRESS,
+          help="paper: the SureLock paper's settings (Algorithm 1 candidates, <=, gate 0.2, "
+          "block_length = steps = gen_length unless a request sets them)")),
     ("--diffusion-block-length", "diffusion_block_length", "block_length",
      dict(type=int, default=argparse.SUPPRESS, help="default block length (default 32)")),
     ("--diffusion-remasking", "diffusion_remasking", "remasking",
      dict(choices=["low_confidence", "random"], default=argparse.SUPPRESS, help="default remasking (default low_confidence)")),
+    ("--diffusion-confidence-threshold", "diffusion_confidence_threshold", "confidence_threshold",
+     dict(type=float, default=argparse.SUPPRESS,
+          help="default confidence threshold for adaptive unmasking (Fast-dLLM's parallel decoding): "
+          "each step unmasks every masked position of the block at least this confident, at least one; "
+          "steps becomes an upper bound (default: off, the fixed schedule)")),
     ("--diffusion-max-gen-length", "diffusion_max_gen_length", "max_gen_length",
      dict(type=int, default=argparse.SUPPRESS,
           help="largest generation length (max_tokens / gen_length) a request may ask for; "

@@ -4,7 +4,8 @@ What: the API server's OutputProcessor is wrapped so that each finished
 request's SureLock accounting (`EngineCoreOutput.kv_transfer_params
 ["surelock"]`, computed by the engine's scheduler) is added to Prometheus
 counters in the API server process:
-  surelock_requests_total, surelock_rows_computed_total,
+  surelock_requests_total, surelock_steps_total, surelock_steps_fixed_total,
+  surelock_rows_computed_total,
   surelock_rows_nolock_total, surelock_flops_total{part=dense|attention|lm_head},
   surelock_flops_nolock_total{part=dense|attention},
   surelock_flops_saved_total, surelock_locked_row_fraction (gauge).
@@ -56,6 +57,10 @@ class SureLockMetrics:
         from prometheus_client import Counter, Gauge
 
         self.requests = Counter("surelock_requests_total", "Finished diffusion requests")
+        self.steps = Counter("surelock_steps_total", "Diffusion steps taken")
+        self.steps_fixed = Counter(
+            "surelock_steps_fixed_total", "Diffusion steps the fixed schedule would take (requests' steps)"
+        )
         self.rows = Counter("surelock_rows_computed_total", "Transformer rows computed")
         self.rows_nolock = Counter("surelock_rows_nolock_total", "Rows the same sampler without locking computes")
         self.flops = Counter("surelock_flops_total", "Algorithmic FLOPs computed (by formula)", ["part"])
@@ -65,6 +70,8 @@ class SureLockMetrics:
 
     def observe(self, stats: dict) -> None:
         self.requests.inc()
+        self.steps.inc(stats["steps"])
+        self.steps_fixed.inc(stats["steps_fixed"])
         self.rows.inc(stats["rows"])
         self.rows_nolock.inc(stats["rows_nolock"])
         for part in ("dense", "attention"):

@@ -12,12 +12,16 @@ runs on `--reference-requests` prompts of each cell.
 
 Grid: by default a generation-length sweep at one batch size and a batch
 sweep at one generation length (`--grid cross` runs every pair).
+`--thresholds` adds confidence-threshold decoding (fewer steps) to every
+cell, with SureLock off and at `--threshold-eps`: meaningful on a trained
+model only (a random one is never confident, so a threshold changes nothing).
 
 Correctness gate (nonzero exit on failure), so that a speedup can never come
 from wrong answers:
 * SureLock with eps = 0 returns exactly the no-lock tokens;
-* for every eps, `--check-requests` requests are replayed through the
-  plain-torch SureLock reference and must match it token for token;
+* for every eps (and threshold), `--check-requests` requests are replayed
+  through the plain-torch (SureLock) reference and must match it token for
+  token;
 * the no-lock tokens match the reference sampler's.
 """
 
@@ -35,10 +39,23 @@ from pathlib import Path
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "llada-tiny"
 
 
+@dataclass(frozen=True)
+class BenchConfig:
+    """SureLock's eps (None: off) and the confidence threshold (None: LLaDA's fixed schedule)."""
+
+    eps: float | None = None
+    threshold: float | None = None
+
+    @property
+    def label(self) -> str:
+        lock = "no-lock" if self.eps is None else f"eps={self.eps:g}"
+        return lock if self.threshold is None else f"thr={self.threshold:g} {lock}"
+
+
 @dataclass
 class RunResult:
     label: str
-    eps: float | None
+    config: BenchConfig
     wall_s: list[float] = field(default_factory=list)
     peak_rss_mb: float = 0.0
     tokens: list[list[int]] = field(default_factory=list)
@@ -63,11 +80,14 @@ def build_prompts(tokenizer, batch: int) -> list[list[int]]:
     return [chat_prompt_ids(tokenizer, problem.prompt) for problem in order[:batch]]
 
 
-def sampling_params(gen_length: int, block_length: int, eps: float | None):
+def sampling_params(gen_length: int, block_length: int, config: BenchConfig):
     from vllm import SamplingParams
 
+    eps = config.eps
     extra = {"gen_length": gen_length, "steps": gen_length, "block_length": block_length}
     extra.update({"surelock": False} if eps is None else {"surelock": True, "surelock_eps": eps})
+    if config.threshold is not None:
+        extra["confidence_threshold"] = config.threshold
     return SamplingParams(max_tokens=gen_length, temperature=0.0, ignore_eos=True, extra_args=extra)
 
 
@@ -115,7 +135,7 @@ def run_engine(llm, prompts, params):
 
 def aggregate(stats: list[dict]) -> dict:
     keys = ("rows", "rows_nolock", "dense_flops", "dense_flops_nolock", "attention_flops",
-            "attention_flops_nolock", "lm_head_flops", "steps")
+            "attention_flops_nolock", "lm_head_flops", "steps", "steps_fixed")
     total = {k: sum(s[k] for s in stats) for k in keys}
     base = total["dense_flops_nolock"] + total["attention_flops_nolock"]
     total["flops_ratio"] = (total["dense_flops"] + total["attention_flops"]) / base
@@ -154,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-batch", type=int, default=8, help="batch of the gen-length sweep")
     parser.add_argument("--sweep-gen", type=int, default=256, help="gen length of the batch sweep")
     parser.add_argument("--eps", type=float, nargs="+", default=[5e-4, 5e-3, 5e-2])
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[],
+                        help="also run confidence-threshold decoding at these thresholds, SureLock off and on")
+    parser.add_argument("--threshold-eps", type=float, default=5e-3, help="SureLock's eps with --thresholds")
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--reference-requests", type=int, default=1)
@@ -192,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     ref_model = LLaDAReferenceLM.from_pretrained(args.model, dtype)
     mask_id = ref_model.config.mask_token_id
-    configs: list[float | None] = [None, 0.0, *args.eps]
+    nolock_config, control = BenchConfig(), BenchConfig(eps=0.0)
+    configs = [nolock_config, control, *(BenchConfig(eps=e) for e in args.eps)]
+    configs += [BenchConfig(eps=e, threshold=t) for t in args.thresholds for e in (None, args.threshold_eps)]
     report = {
         "command": "surelock-bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": os.path.relpath(args.model) if os.path.exists(args.model) else args.model,
@@ -200,14 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "cells": [],
     }
     failures: list[str] = []
-    def cell_configs(batch: int) -> list[float | None]:
+    def cell_configs(batch: int) -> list[BenchConfig]:
         if args.control_max_batch is not None and batch > args.control_max_batch:
-            return [c for c in configs if c != 0.0]
+            return [c for c in configs if c != control]
         return configs
 
     # no-lock and each eps per repeat, the eps=0 control once, the reference
-    total_runs = sum(len([c for c in cell_configs(b) if c != 0.0]) * args.repeats + (0.0 in cell_configs(b)) + 1
-                     for _, b in cells)
+    total_runs = sum(len([c for c in cell_configs(b) if c != control]) * args.repeats
+                     + (control in cell_configs(b)) + 1 for _, b in cells)
 
     with tqdm(total=total_runs, desc="benchmark", unit="run") as bar:
         for gen_length, batch in cells:
@@ -215,12 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             block = args.block_length if gen_length % args.block_length == 0 else gen_length
             prompts = build_prompts(tokenizer, batch)
             configs_here = cell_configs(batch)
-            results = {c: RunResult("no-lock" if c is None else f"eps={c:g}", c) for c in configs_here}
-            run_engine(llm, prompts[:1], sampling_params(32, 32, None))  # warm-up
+            results = {c: RunResult(c.label, c) for c in configs_here}
+            run_engine(llm, prompts[:1], sampling_params(32, 32, nolock_config))  # warm-up
             for r in range(args.repeats):
                 order = configs_here if r % 2 == 0 else list(reversed(configs_here))
                 for c in order:
-                    if c == 0.0 and r > 0:
+                    if c == control and r > 0:
                         continue  # the eps=0 control is a correctness check, run once
                     wall, peak, tokens, stats = run_engine(llm, prompts, sampling_params(gen_length, block, c))
                     res = results[c]
@@ -228,15 +253,27 @@ def main(argv: list[str] | None = None) -> int:
                     res.peak_rss_mb = max(res.peak_rss_mb, peak)
                     res.tokens, res.stats = tokens, stats
                     bar.update()
-            nolock = results[None]
-            if 0.0 in results and results[0.0].tokens != nolock.tokens:
+            nolock = results[nolock_config]
+            if control in results and results[control].tokens != nolock.tokens:
                 failures.append(f"gen {gen_length} batch {batch}: SureLock eps=0 differs from no-lock")
-            options = DiffusionOptions.resolve({"steps": gen_length, "block_length": block}, max_tokens=gen_length, temperature=0.0)
-            for eps in args.eps:
+
+            def diffusion_options(threshold=None):
+                return DiffusionOptions.resolve({"steps": gen_length, "block_length": block, "confidence_threshold": threshold},
+                                                max_tokens=gen_length, temperature=0.0)
+
+            options = diffusion_options()
+            for c in configs_here:
+                if c in (nolock_config, control):
+                    continue
                 for i in range(min(args.check_requests, batch)):
-                    ref = reference_generate_surelock(ref_model, prompts[i], options, SureLockOptions(enabled=True, eps=eps), mask_id)
-                    if ref.tokens != results[eps].tokens[i]:
-                        failures.append(f"gen {gen_length} batch {batch} eps {eps:g}: request {i} differs from the SureLock reference")
+                    if c.eps is None:
+                        ref_tokens = reference_generate(ref_model, prompts[i], diffusion_options(c.threshold), mask_id)
+                    else:
+                        ref_tokens = reference_generate_surelock(
+                            ref_model, prompts[i], diffusion_options(c.threshold), SureLockOptions(enabled=True, eps=c.eps), mask_id
+                        ).tokens
+                    if ref_tokens != results[c].tokens[i]:
+                        failures.append(f"gen {gen_length} batch {batch} {c.label}: request {i} differs from the plain-torch reference")
             n_ref = min(args.reference_requests, batch)
             # vLLM's engine processes busy-poll their message queues for a
             # second after the last request (shm_broadcast busy_loop_s); let
@@ -265,9 +302,9 @@ def main(argv: list[str] | None = None) -> int:
                     sum(a == b for a, b in zip(t, n)) / len(n) for t, n in zip(res.tokens, nolock.tokens)
                 )
                 cell["runs"][res.label] = {
-                    "eps": c, "wall_s": res.wall_s, "median_s": res.median_s,
+                    "eps": c.eps, "threshold": c.threshold, "wall_s": res.wall_s, "median_s": res.median_s,
                     "tokens_per_s": batch * gen_length / res.median_s,
-                    "s_per_step": res.median_s / gen_length,
+                    "s_per_step": res.median_s / (agg["steps"] / batch),  # steps per request: fewer with a threshold
                     "peak_rss_mb": res.peak_rss_mb,
                     "speedup_vs_nolock": nolock.median_s / res.median_s,
                     "speedup_vs_reference": (ref_per_request * batch) / res.median_s,
@@ -313,18 +350,19 @@ def describe_device() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-COLUMNS = ("run", "median s", "tok/s", "s/step", "x no-lock", "x ref", "FLOPs", "+LM head", "effic.",
+COLUMNS = ("run", "median s", "tok/s", "s/step", "x no-lock", "x ref", "steps", "FLOPs", "+LM head", "effic.",
            "dense", "attn", "rows", "agree", "peak MB")
 
 
 def cell_rows(cell: dict) -> list[list[str]]:
     rows = [["reference", f"{cell['reference']['s_per_request'] * cell['batch']:.2f}",
              f"{cell['reference']['tokens_per_s']:.0f}", f"{cell['reference']['s_per_step'] * 1e3:.1f}ms",
-             "", "1.00", "", "", "", "", "", "", "", f"{cell['reference']['peak_rss_mb']:.0f}"]]
+             "", "1.00", "1.000", "", "", "", "", "", "", "", f"{cell['reference']['peak_rss_mb']:.0f}"]]
     for label, r in cell["runs"].items():
         rows.append([
             label, f"{r['median_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['s_per_step'] * 1e3:.1f}ms",
-            f"{r['speedup_vs_nolock']:.2f}", f"{r['speedup_vs_reference']:.2f}", f"{r['flops_ratio']:.3f}",
+            f"{r['speedup_vs_nolock']:.2f}", f"{r['speedup_vs_reference']:.2f}",
+            f"{r['steps'] / r['steps_fixed']:.3f}", f"{r['flops_ratio']:.3f}",
             f"{1 / r['flops_speedup']:.3f}", f"{r['efficiency']:.0%}", f"{r['dense_ratio']:.3f}", f"{r['attention_ratio']:.3f}", f"{r['rows_ratio']:.3f}",
             f"{r['token_agreement_with_nolock']:.0%}", f"{r['peak_rss_mb']:.0f}",
         ])
@@ -333,7 +371,7 @@ def cell_rows(cell: dict) -> list[list[str]]:
 
 def format_cell(cell: dict) -> str:
     lines = [f"\n== gen_length {cell['gen_length']}, batch {cell['batch']}, block {cell['block_length']} =="]
-    widths = [10, 9, 7, 8, 10, 7, 7, 9, 7, 7, 7, 7, 7, 8]
+    widths = [18, 9, 7, 8, 10, 7, 7, 7, 9, 7, 7, 7, 7, 7, 8]
     lines.append("".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(COLUMNS, widths))))
     for row in cell_rows(cell):
         lines.append("".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(row, widths))))
@@ -355,7 +393,9 @@ def markdown_report(report: dict) -> str:
         "the speedup `+LM head` implies. `x ref` is throughput relative to the plain-torch reference",
         "sampler (LLaDA's loop, full canvas every step, batch 1). `agree` is token agreement with",
         "no-lock. `peak MB` is the peak resident memory of the engine processes during the run",
-        "(of the benchmark process for the reference).",
+        "(of the benchmark process for the reference). `steps` is the steps taken over the fixed",
+        "schedule's (below 1 with a confidence threshold, `thr=`; FLOPs, dense, attn and rows then",
+        "compare with no-lock at the same steps, `+LM head` and `effic.` with fixed-step no-lock).",
         "",
     ]
     for cell in report["cells"]:

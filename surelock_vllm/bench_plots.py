@@ -15,7 +15,7 @@ def _plt():
 
 
 def eps_labels(cell: dict) -> list[str]:
-    return [k for k, r in cell["runs"].items() if r["eps"] not in (None, 0.0)]
+    return [k for k, r in cell["runs"].items() if r["eps"] not in (None, 0.0) and r.get("threshold") is None]
 
 
 def plot_stepwise_flops(report: dict, out: Path) -> Path:

@@ -46,7 +46,7 @@ def load_schedule(path: Path | None, eps: float) -> list[float]:
     cells = report.get("cells") or [{"gen_length": report["gen_length"], "runs": {r["label"]: r for r in report["runs"]}}]
     for cell in cells:
         for run in cell["runs"].values():
-            if run["eps"] is not None and abs(run["eps"] - eps) <= 1e-12 and (best is None or cell["gen_length"] > best[0]):
+            if run["eps"] is not None and run.get("threshold") is None and abs(run["eps"] - eps) <= 1e-12 and (best is None or cell["gen_length"] > best[0]):
                 best = (cell["gen_length"], run["locked_fraction_per_step"])
     if best is None:
         raise SystemExit(f"no run with eps={eps} in {path}")

@@ -1,15 +1,17 @@
 """Quality vs compute of SureLock on the shipped trained model, through the vLLM plugin.
 
-    surelock-eval                                   # table, JSON and plots in docs/eval/
+    surelock-eval                                   # tables, JSON and plots in docs/eval/
     surelock-eval --eps 5e-4 5e-3 --per-task 20     # a quicker look
 
 One engine. The held-out problems (`surelock_vllm.tasks`, never seen in
 training) run as one batch with the no-lock sampler, then with SureLock at
-each eps, in one run. For each run: exact-match accuracy per task, agreement
-with the no-lock output (identical completion text), algorithmic FLOPs and
-rows computed relative to no-lock (by formula, from the engine's per-request
-accounting), and wall-clock relative to no-lock (medians of `--repeats`
-alternating runs).
+each eps, then the fewer-steps grid: confidence-threshold decoding
+(Fast-dLLM's parallel decoding) at each `--thresholds` value, with SureLock
+off and on at `--grid-eps`; all in one run. For each run: exact-match
+accuracy per task, agreement with the no-lock output (identical completion
+text), steps taken, algorithmic FLOPs and rows computed (by formula, from the
+engine's per-request accounting), and wall-clock relative to fixed-step
+no-lock decoding (medians of `--repeats` alternating runs).
 """
 
 from __future__ import annotations
@@ -20,12 +22,43 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from surelock_vllm.tasks import TASKS, heldout_problems, is_correct
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "llada-small"
 DEFAULT_EPS = [5e-4, 1e-3, 5e-3, 5e-2, 0.5, 2.0, 10.0]
+DEFAULT_THRESHOLDS = [0.7, 0.8, 0.9, 0.95]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One run of the evaluation: SureLock's eps (None: off), its rule and gate, and the
+    confidence threshold (None: fixed steps)."""
+
+    eps: float | None = None
+    threshold: float | None = None
+    # None: the default rule (candidates before unmasking, KL < eps); "algorithm1":
+    # candidates after unmasking and KL <= eps; "paper": the paper preset (Algorithm 1,
+    # gate 0.2, one block of gen_length; with eps None, no-lock at that block length)
+    rule: str | None = None
+    gate: float | None = None
+
+    @property
+    def label(self) -> str:
+        lock = "no-lock" if self.eps is None else f"eps={self.eps:g}"
+        if self.rule == "algorithm1":
+            lock = f"Alg.1 {lock}"
+        elif self.rule == "paper":
+            lock = f"paper preset {lock}" if self.eps is not None else "no-lock, one block"
+        if self.gate is not None and self.rule != "paper":
+            lock += f" gate {self.gate:g}"
+        return lock if self.threshold is None else f"thr={self.threshold:g} {lock}"
+
+    @property
+    def in_eps_table(self) -> bool:
+        return self.threshold is None
 
 
 def run_config(llm, conversations, params):
@@ -48,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--block-length", type=int, default=8)
+    parser.add_argument("--rule-eps", type=float, nargs="*", default=[5e-4, 5e-3, 5e-2],
+                        help="eps of the lock-rule comparison: Algorithm 1's rule at each, both rules with "
+                             "the 20%% gate and the paper preset at the middle one (none: skip it)")
+    parser.add_argument("--thresholds", type=float, nargs="*", default=DEFAULT_THRESHOLDS,
+                        help="confidence thresholds of the fewer-steps grid (none: skip the grid)")
+    parser.add_argument("--grid-eps", type=float, default=5e-3, help="SureLock's eps in the fewer-steps grid")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out-dir", type=Path, default=Path("docs/eval"))
     parser.add_argument("--no-plots", action="store_true")
@@ -69,22 +108,45 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, block_size=32, enforce_eager=True,
               max_num_seqs=len(problems), max_num_batched_tokens=32768, seed=0, **extra)
 
-    def params(eps: float | None):
+    def params(config: EvalConfig):
         diffusion = {"gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length}
-        if eps is None:
+        if config.threshold is not None:
+            diffusion["confidence_threshold"] = config.threshold
+        if config.rule == "paper":
+            del diffusion["block_length"]  # the preset's one block (and for its no-lock baseline)
+            if config.eps is None:
+                diffusion["block_length"] = args.gen_length
+        if config.eps is None:
             diffusion["surelock"] = False
         else:
-            diffusion.update(surelock=True, surelock_eps=eps)
-            if args.confidence_gate is not None:
-                diffusion["surelock_confidence_gate"] = args.confidence_gate
+            diffusion.update(surelock=True, surelock_eps=config.eps)
+            gate = config.gate if config.gate is not None else args.confidence_gate
+            if config.rule == "paper":
+                diffusion["surelock_preset"] = "paper"
+            elif gate is not None:
+                diffusion["surelock_confidence_gate"] = gate
+            if config.rule == "algorithm1":
+                diffusion.update(surelock_candidates="after_unmask", surelock_kl_test="<=")
         return SamplingParams(max_tokens=args.gen_length, temperature=0.0, extra_args=diffusion)
 
-    configs: list[float | None] = [None, *args.eps]
-    walls: dict[float | None, list[float]] = {c: [] for c in configs}
-    texts: dict[float | None, list[str]] = {}
-    stats: dict[float | None, list[dict]] = {}
+    baseline = EvalConfig()
+    configs = [baseline, *(EvalConfig(eps=e) for e in args.eps)]
+    if args.rule_eps:
+        # both lock rules, the gate on and off, and the paper preset (with its own no-lock baseline)
+        middle = args.rule_eps[len(args.rule_eps) // 2]
+        configs += [EvalConfig(eps=e, rule="algorithm1") for e in args.rule_eps]
+        configs += [EvalConfig(eps=middle, gate=0.2), EvalConfig(eps=middle, rule="algorithm1", gate=0.2)]
+        configs += [EvalConfig(rule="paper"), EvalConfig(eps=middle, rule="paper")]
+        configs = list(dict.fromkeys(configs))
+    grid = [EvalConfig(eps=e, threshold=t) for t in args.thresholds for e in (None, args.grid_eps)]
+    if args.thresholds and EvalConfig(eps=args.grid_eps) not in configs:
+        grid.insert(0, EvalConfig(eps=args.grid_eps))  # fixed steps with SureLock, the grid's other baseline
+    configs += grid
+    walls: dict[EvalConfig, list[float]] = {c: [] for c in configs}
+    texts: dict[EvalConfig, list[str]] = {}
+    stats: dict[EvalConfig, list[dict]] = {}
     try:
-        run_config(llm, conversations[:2], params(None))  # warm-up
+        run_config(llm, conversations[:2], params(baseline))  # warm-up
         with tqdm(total=len(configs) * args.repeats, desc="evaluate", unit="run") as bar:
             for r in range(args.repeats):
                 for c in configs if r % 2 == 0 else list(reversed(configs)):
@@ -94,25 +156,36 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         llm.llm_engine.engine_core.shutdown()  # stop the engine processes now
 
-    nolock_wall = statistics.median(walls[None])
+    nolock_wall = statistics.median(walls[baseline])
+    baseline_agg = aggregate(stats[baseline])
     report = {
         "command": "surelock-eval " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": args.model, "dtype": args.dtype, "device": describe_device(),
         "gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length,
-        "confidence_gate": args.confidence_gate, "problems": len(problems), "runs": [],
+        "confidence_gate": args.confidence_gate, "problems": len(problems),
+        "thresholds": args.thresholds, "grid_eps": args.grid_eps, "runs": [],
     }
     for c in configs:
         correct = [is_correct(p, t) for p, t in zip(problems, texts[c])]
         per_task = {task: _mean([ok for p, ok in zip(problems, correct) if p.task == task]) for task in sorted(TASKS)}
         agg = aggregate(stats[c])
         report["runs"].append({
-            "label": "no-lock" if c is None else f"eps={c:g}", "eps": c,
+            "label": c.label, "eps": c.eps, "threshold": c.threshold, "rule": c.rule, "gate": c.gate,
+            "in_grid": c.threshold is not None or (
+                bool(args.thresholds) and c.rule is None and c.gate is None and c.eps in (None, args.grid_eps)),
             "accuracy": _mean(correct), "accuracy_per_task": per_task,
-            "agreement_with_nolock": _mean([a == b for a, b in zip(texts[c], texts[None])]),
+            "agreement_with_nolock": _mean([a == b for a, b in zip(texts[c], texts[baseline])]),
             "flops_ratio": agg["flops_ratio"], "dense_ratio": agg["dense_ratio"],
             "attention_ratio": agg["attention_ratio"], "rows": agg["rows"], "rows_nolock": agg["rows_nolock"],
             "rows_ratio": agg["rows_ratio"], "locked_fraction_per_step": agg["locked_fraction_per_step"],
+            "steps": agg["steps"], "steps_fixed": agg["steps_fixed"],
+            "steps_per_position": agg["steps"] / (len(problems) * args.gen_length),
+            # against fixed-step no-lock decoding: algorithmic FLOPs (dense + attention), with the LM head, rows
+            "flops_vs_baseline": _dense_attention(agg) / _dense_attention(baseline_agg),
+            "total_flops_vs_baseline": agg["total_flops"] / baseline_agg["total_flops"],
+            "rows_vs_baseline": agg["rows"] / baseline_agg["rows"],
             "wall_s": walls[c], "wall_ratio": statistics.median(walls[c]) / nolock_wall,
+            "speedup": nolock_wall / statistics.median(walls[c]),
             "examples": [{"task": p.task, "prompt": p.prompt, "answer": p.answer, "output": t}
                          for p, t in list(zip(problems, texts[c]))[:: max(1, len(problems) // 12)]],
         })
@@ -138,6 +211,10 @@ def _first_per_task(problems, per_task: int):
     return chosen
 
 
+def _dense_attention(agg: dict) -> int:
+    return agg["dense_flops"] + agg["attention_flops"]
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
@@ -148,10 +225,31 @@ def markdown_table(report: dict) -> str:
     head = ["run", "exact match", *tasks, "agree w/ no-lock", "FLOPs saved", "dense", "attn", "rows computed", "wall-clock"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in report["runs"]:
+        if run.get("threshold") is not None:
+            continue  # the fewer-steps grid has its own table
         lines.append("| " + " | ".join([
             run["label"], f"{run['accuracy']:.1%}", *(f"{run['accuracy_per_task'][t]:.0%}" for t in tasks),
             f"{run['agreement_with_nolock']:.1%}", f"{1 - run['flops_ratio']:.1%}", f"{run['dense_ratio']:.3f}",
             f"{run['attention_ratio']:.3f}", f"{run['rows']} ({run['rows_ratio']:.3f})", f"{run['wall_ratio']:.2f}x",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def grid_table(report: dict) -> str:
+    """The fewer-steps grid: fixed steps vs confidence thresholds, SureLock off and on."""
+    baseline = report["runs"][0]
+    head = ["run", "threshold", "SureLock", "exact match", "vs fixed no-lock", "steps / position",
+            "steps vs fixed", "FLOPs", "FLOPs +LM head", "rows", "wall-clock speedup"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in (r for r in report["runs"] if r.get("in_grid")):
+        delta = (run["accuracy"] - baseline["accuracy"]) * 100
+        lines.append("| " + " | ".join([
+            run["label"], "fixed" if run["threshold"] is None else f"{run['threshold']:g}",
+            "off" if run["eps"] is None else f"eps {run['eps']:g}", f"{run['accuracy']:.1%}",
+            f"{delta:+.1f} pt", f"{run['steps_per_position']:.3f}", f"{run['steps'] / run['steps_fixed']:.3f}",
+            f"{run['flops_vs_baseline']:.3f}", f"{run['total_flops_vs_baseline']:.3f}",
+            f"{run['rows_vs_baseline']:.3f}", f"**{run['speedup']:.2f}x**" if run["threshold"] is not None
+            else f"{run['speedup']:.2f}x",
         ]) + " |")
     return "\n".join(lines)
 
@@ -172,12 +270,35 @@ def markdown_report(report: dict) -> str:
         "same sampler without locking; `dense`/`attn` are the ratios of each part; `rows computed` is",
         "the number of query rows the model ran (and its ratio to no-lock); `wall-clock` is the median",
         "run time relative to no-lock in the same run. `agree w/ no-lock`: identical completion text.",
+        "Rows: the default rule (lock candidates Z formed before the step unmasks, KL < eps) at each eps;",
+        "`Alg.1` the paper's Algorithm 1 (Z formed after the step unmasks, so a token can lock at the",
+        "step that unmasks it, with KL <= eps); `gate 0.2` adds the 20% confidence gate; `paper preset`",
+        "is Algorithm 1 with the gate and one block of gen_length (block_length = steps = gen_length),",
+        "next to no-lock at that block length (`no-lock, one block`), against which its FLOPs count.",
         "",
         markdown_table(report),
         "",
         "![step-wise FLOPs ratio](stepwise_flops_ratio.png)",
         "![accuracy vs FLOPs saved](accuracy_vs_flops.png)",
         "",
+    ]
+    if report.get("thresholds"):
+        out += [
+            "## Fewer steps: confidence-threshold decoding, with and without SureLock",
+            "",
+            "Each step unmasks every masked position of the block whose confidence is at least the threshold",
+            "(at least one; `steps` stays an upper bound), Fast-dLLM's parallel decoding; SureLock at eps "
+            f"{report['grid_eps']:g}. Everything is relative to fixed-step no-lock decoding (the first row) in "
+            "the same run: `steps / position` is steps taken per generated position, `FLOPs` the algorithmic",
+            "count (dense + attention), `+LM head` with the LM head over every row read, `rows` the rows the",
+            "model ran, `wall-clock speedup` the median run time of fixed-step no-lock over this run's.",
+            "",
+            grid_table(report),
+            "",
+            "![accuracy vs wall-clock speedup](accuracy_vs_speedup.png)",
+            "",
+        ]
+    out += [
         "## Sample outputs (no-lock)",
         "",
         "| task | prompt | answer | output |",
@@ -192,9 +313,10 @@ def plot_eval(report: dict, out: Path) -> list[Path]:
     from surelock_vllm.bench_plots import _plt
 
     plt = _plt()
-    runs = [r for r in report["runs"] if r["eps"] is not None]
+    runs = [r for r in report["runs"] if r["eps"] is not None and r.get("threshold") is None]
+    default_rule = [r for r in runs if r.get("rule") is None and r.get("gate") is None]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for r in runs:
+    for r in default_rule:
         locked = r["locked_fraction_per_step"]
         ratio = [1.0] + [1.0 - f for f in locked[:-1]]
         ax.plot([i / report["steps"] for i in range(len(ratio))], ratio, label=r["label"])
@@ -212,11 +334,16 @@ def plot_eval(report: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     nolock = report["runs"][0]
     ax.axhline(nolock["accuracy"] * 100, color="gray", lw=0.8, ls="--", label="no-lock")
-    xs = [(1 - r["flops_ratio"]) * 100 for r in runs]
-    ax.plot(xs, [r["accuracy"] * 100 for r in runs], marker="o", label="SureLock")
-    for r, x in zip(runs, xs):
-        ax.annotate(r["label"].removeprefix("eps="), (x, r["accuracy"] * 100), textcoords="offset points",
-                    xytext=(4, -10), fontsize=8)
+    algorithm1 = [r for r in runs if r.get("rule") == "algorithm1" and r.get("gate") is None]
+    for series, name, marker in ((default_rule, "SureLock (Z before unmasking, <)", "o"),
+                                 (algorithm1, "Algorithm 1 (Z after unmasking, <=)", "s")):
+        if not series:
+            continue
+        xs = [(1 - r["flops_ratio"]) * 100 for r in series]
+        ax.plot(xs, [r["accuracy"] * 100 for r in series], marker=marker, label=name)
+        for r, x in zip(series, xs):
+            ax.annotate(f"{r['eps']:g}", (x, r["accuracy"] * 100), textcoords="offset points",
+                        xytext=(4, -10), fontsize=8)
     ax.set_xlabel("algorithmic FLOPs saved (%)")
     ax.set_ylabel("exact match (%)")
     ax.grid(alpha=0.3)
@@ -226,7 +353,36 @@ def plot_eval(report: dict, out: Path) -> list[Path]:
     acc = out / "accuracy_vs_flops.png"
     fig.savefig(acc, dpi=120)
     plt.close(fig)
-    return [stepwise, acc]
+    paths = [stepwise, acc]
+    if report.get("thresholds"):
+        paths.append(plot_grid(report, out, plt))
+    return paths
+
+
+def plot_grid(report: dict, out: Path, plt) -> Path:
+    """Accuracy vs wall-clock speedup over fixed-step no-lock, SureLock off and on."""
+    grid = [r for r in report["runs"] if r.get("in_grid")]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    baseline = report["runs"][0]
+    ax.axhline(baseline["accuracy"] * 100, color="gray", lw=0.8, ls="--", label="fixed steps, no-lock")
+    ax.axhspan(baseline["accuracy"] * 100 - 1, baseline["accuracy"] * 100 + 1, color="gray", alpha=0.12)
+    for locked, name, marker in ((False, "SureLock off", "o"), (True, "SureLock on", "s")):
+        runs = sorted((r for r in grid if (r["eps"] is not None) == locked), key=lambda r: r["speedup"])
+        ax.plot([r["speedup"] for r in runs], [r["accuracy"] * 100 for r in runs], marker=marker, label=name)
+        for r in runs:
+            ax.annotate("fixed" if r["threshold"] is None else f"{r['threshold']:g}",
+                        (r["speedup"], r["accuracy"] * 100), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axvline(3.0, color="tab:red", lw=0.8, ls=":")
+    ax.set_xlabel("wall-clock speedup vs fixed-step no-lock")
+    ax.set_ylabel("exact match (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Threshold decoding x SureLock (labels: threshold)")
+    fig.tight_layout()
+    path = out / "accuracy_vs_speedup.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

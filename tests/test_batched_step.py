@@ -34,9 +34,13 @@ def fake_logits(request: int, step: int, positions: torch.Tensor, canvas: torch.
         base[MASK] = -20.0
         token = int(canvas[p])
         if token != MASK:
-            base[token] += 4.0
+            # every third request is certain of its tokens: p = 1.0 exactly, so the
+            # confidence gate meets ties (broken by position)
+            base[token] += 60.0 if request % 3 == 0 else 4.0
         g2 = torch.Generator().manual_seed(request * 1_000_003 + p * 7919 + step * 104_729 + 1)
-        wobble = torch.randn(VOCAB, generator=g2) * (0.6 ** min(step, 40))
+        # from step 10 on a position's posterior stops moving: KL exactly 0 (eps = 0 then
+        # locks under KL <= eps, never under KL < eps)
+        wobble = torch.randn(VOCAB, generator=g2) * (0.6 ** min(step, 10))
         rows.append(base + wobble)
     return torch.stack(rows) if rows else torch.empty(0, VOCAB)
 
@@ -48,16 +52,26 @@ def make_requests(rng: random.Random, n: int):
         block = rng.choice([b for b in (4, 8, gen) if gen % b == 0])
         blocks = gen // block
         steps = blocks * rng.randint(1, block)  # steps per block need not divide the block
+        remasking = rng.choice(["low_confidence", "random"])
+        if i == 0:  # one request surely decodes in parallel: a low threshold, the most steps
+            remasking, steps = "low_confidence", gen
         options = DiffusionOptions(
-            gen_length=gen, steps=steps, block_length=block,
-            remasking=rng.choice(["low_confidence", "random"]),
+            gen_length=gen, steps=steps, block_length=block, remasking=remasking,
             temperature=rng.choice([0.0, 0.0, 0.7, 1.0]),
+            # adaptive unmasking (blocks end early, at different steps per request)
+            confidence_threshold=(
+                0.3 if i == 0 else rng.choice([None, 0.3, 0.6, 0.9]) if remasking == "low_confidence" else None
+            ),
         )
+        # both rules: candidates before this step's unmasking (and KL < eps), or after it
+        # (the paper's Algorithm 1, usually with KL <= eps)
+        rule = rng.choice([{}, {"candidates": "after_unmask", "kl_test": "<="}, {"candidates": "after_unmask"},
+                           {"kl_test": "<="}])
         lock = rng.choice([
             None,
-            SureLockOptions(enabled=True, eps=rng.choice([0.0, 1e-3, 5e-2, 1.0])),
-            SureLockOptions(enabled=True, eps=0.5, confidence_gate=rng.choice([0.2, 0.5])),
-            SureLockOptions(enabled=True, eps=0.2, lock_prompt=False),
+            SureLockOptions(enabled=True, eps=rng.choice([0.0, 1e-3, 5e-2, 1.0]), **rule),
+            SureLockOptions(enabled=True, eps=0.5, confidence_gate=rng.choice([0.2, 0.5]), **rule),
+            SureLockOptions(enabled=True, eps=0.2, lock_prompt=False, **rule),
         ])
         prompt = [rng.randrange(0, MASK) for _ in range(rng.randint(1, 9))]
         if rng.random() < 0.2:
@@ -66,11 +80,13 @@ def make_requests(rng: random.Random, n: int):
     return requests
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(12))
 def test_batched_step_equals_one_request_oracle(seed):
     rng = random.Random(seed)
     requests = make_requests(rng, 7)
-    batch = DiffusionBatch(max_requests=5, max_canvas_len=40, mask_id=MASK)
+    # odd seeds: a store budget of 2 rows a request, so most of Z keeps hidden states and is
+    # recomputed (even seeds: a budget nothing outgrows, so the recomputed rows are known exactly)
+    batch = DiffusionBatch(max_requests=5, max_canvas_len=40, mask_id=MASK, stored_rows=2 if seed % 2 else 10_000)
     oracles: dict[int, CanvasDenoiser] = {}
     slot_of: dict[int, int] = {}
     waiting = list(range(len(requests)))
@@ -78,6 +94,7 @@ def test_batched_step_equals_one_request_oracle(seed):
     out_batch: dict[int, list[int]] = {i: [] for i in range(len(requests))}
     steps_taken = 0
     first_z: dict[int, int] = {}  # Z rows read at a request's first step
+    read_masked: dict[int, set[int]] = {}  # masked block rows read at a request's last step
     while waiting or slot_of:
         while waiting and len(slot_of) < 5 and (not slot_of or rng.random() < 0.5):
             i = waiting.pop(0)
@@ -105,16 +122,26 @@ def test_batched_step_equals_one_request_oracle(seed):
         result = batch.step(plan, logits, lambda rows: rows)  # the logits stand in for hidden states
         for b, i in enumerate(scheduled):
             den = oracles[i]
+            masked_before = den.masked.clone()
             tokens = den.step(oracle_logits[i])
+            unmasked_now = set((masked_before & ~den.masked).nonzero().squeeze(-1).tolist())
             slot = slot_of[i]
             assert torch.equal(batch.canvas[slot, : den.canvas_len], den.canvas), (i, den.num_steps_done)
             assert result.block_tokens[b] == tokens
             read = int((plan.read_b == b).sum())
             # the prompt rows of its first step's Z get their posteriors recomputed once, at the second
             recomputed = first_z.get(i, 0) if den.num_steps_done == 2 else 0
-            assert result.logit_rows[b] == read + recomputed, (i, den.num_steps_done)
+            # under Algorithm 1, each token unmasked now that was a masked row read last step
+            # gets its previous posterior recomputed (from the hidden state kept then)
+            if den.lock is not None and den.lock.options.after_unmask:
+                recomputed += len(unmasked_now & read_masked.get(i, set()))
+            if seed % 2:  # and the rows of Z past the store's budget, recomputed too
+                assert result.logit_rows[b] >= read + recomputed, (i, den.num_steps_done)
+            else:
+                assert result.logit_rows[b] == read + recomputed, (i, den.num_steps_done)
             if den.num_steps_done == 1:
                 first_z[i] = int((plan.read_b[plan.num_sampled :] == b).sum())
+            read_masked[i] = set(plan.read_pos[: plan.num_sampled][plan.read_b[: plan.num_sampled] == b].tolist())
             if den.lock is not None:
                 assert torch.equal(batch.lock_step[slot, : den.canvas_len].long(), den.lock.lock_step)
                 assert result.locked[b] == den.lock.num_locked
@@ -137,6 +164,24 @@ def test_batched_step_equals_one_request_oracle(seed):
     assert batch.store_bytes() == 0 and batch._store.numel() == 0
     # the mix locked something and sampled something (the test exercises both paths)
     assert any(o.lock is not None and o.lock.num_locked for o in oracles.values())
+    # a token locked at the very step that unmasked it (Algorithm 1's timing), somewhere
+    assert seed % 2 or any(
+        o.lock is not None and o.lock.options.after_unmask
+        and bool(((o.lock.lock_step >= 0) & (torch.arange(o.canvas_len) >= o.prompt_len)).any())
+        for o in oracles.values()
+    )
+    # and some threshold request finished in fewer steps than its fixed schedule
+    assert any(
+        o.options.confidence_threshold is not None and o.num_steps_done < o.options.steps for o in oracles.values()
+    )
+
+
+def test_cumsum_in_groups():
+    from surelock_vllm.diffusion.batch import _cumsum_in_groups
+
+    values = torch.tensor([True, False, True, True, True, False, True])
+    group = torch.tensor([0, 0, 0, 2, 2, 3, 3])
+    assert _cumsum_in_groups(values, group).tolist() == [1, 1, 2, 1, 2, 0, 1]
 
 
 def test_top_k_per_group_ties_go_to_the_earlier_row():

@@ -65,6 +65,12 @@ def test_server_defaults_apply():
         ({"gen_length": 2048}, 32, 0.0, "gen_length"),
         ({}, 2048, 0.0, "max_tokens"),
         ({}, True, 0.0, "max_tokens"),
+        # adaptive unmasking: a fraction; random remasking has no confidence to threshold
+        ({"confidence_threshold": 1.5}, 32, 0.0, "confidence_threshold"),
+        ({"confidence_threshold": -0.1}, 32, 0.0, "confidence_threshold"),
+        ({"confidence_threshold": "high"}, 32, 0.0, "confidence_threshold"),
+        ({"confidence_threshold": True}, 32, 0.0, "confidence_threshold"),
+        ({"confidence_threshold": 0.9, "remasking": "random"}, 32, 0.0, "confidence_threshold"),
     ],
 )
 def test_invalid_options_name_the_option(extra, max_tokens, temperature, option):
@@ -93,6 +99,40 @@ def test_server_limits_bound_steps_and_length():
 def test_bad_server_default_is_refused():
     with pytest.raises(InvalidDiffusionOption, match="remasking"):
         DiffusionDefaults.from_mapping({"remasking": "nope"})
+    with pytest.raises(InvalidDiffusionOption, match="confidence_threshold"):
+        DiffusionDefaults.from_mapping({"confidence_threshold": 2})
+    with pytest.raises(InvalidDiffusionOption, match="confidence_threshold"):
+        DiffusionDefaults.from_mapping({"confidence_threshold": 0.9, "remasking": "random"})
+
+
+def test_paper_preset_defaults_to_one_block_of_gen_length_steps():
+    from surelock_vllm.engine.request_options import resolve_request
+    from vllm import SamplingParams
+
+    def resolved(extra):
+        return resolve_request(SamplingParams(max_tokens=64, extra_args=extra), 10, max_model_len=1024,
+                               max_rows_per_step=2048)
+
+    paper = resolved({"surelock_preset": "paper"})
+    assert (paper["options"]["block_length"], paper["options"]["steps"]) == (64, 64)
+    assert paper["surelock"]["candidates"] == "after_unmask" and paper["surelock"]["kl_test"] == "<="
+    # the request's own block_length / steps win
+    own = resolved({"surelock_preset": "paper", "block_length": 16, "steps": 32})
+    assert (own["options"]["block_length"], own["options"]["steps"]) == (16, 32)
+    assert resolved({})["options"]["block_length"] == 32
+
+
+def test_confidence_threshold_request_and_server_default():
+    assert resolve({}, max_tokens=32).confidence_threshold is None
+    assert resolve({"confidence_threshold": 0.9}, max_tokens=32).confidence_threshold == 0.9
+    # 0 (or null) is off: the fixed schedule
+    assert resolve({"confidence_threshold": 0}, max_tokens=32).confidence_threshold is None
+    server = DiffusionDefaults.from_mapping({"confidence_threshold": 0.8})
+    assert resolve({}, max_tokens=32, defaults=server).confidence_threshold == 0.8
+    assert resolve({"confidence_threshold": 0}, max_tokens=32, defaults=server).confidence_threshold is None
+    # a request that asks for random remasking gets the fixed schedule, not an error
+    random = resolve({"remasking": "random"}, max_tokens=32, defaults=server)
+    assert (random.remasking, random.confidence_threshold) == ("random", None)
 
 
 @pytest.mark.parametrize("n,steps", [(32, 32), (32, 5), (8, 3), (7, 7), (3, 3)])

@@ -94,14 +94,26 @@ def test_mixed_options_in_one_batch(llm, ref_model, tokenizer, mask_id):
         ("ok", {"gen_length": 32, "steps": 8, "block_length": 16, "remasking": "random"}, 0.0, 7),
         ("Reverse 'abc'", {"gen_length": 32, "steps": 32, "block_length": 8}, 0.9, 11),
         ("Count to five", {"gen_length": 40, "steps": 20, "block_length": 8, "remasking": "random"}, 0.6, 3),
+        # confidence-threshold decoding: blocks end at data-dependent steps, per request
+        ("Say yes", {"gen_length": 32, "steps": 32, "block_length": 8, "confidence_threshold": 0.65}, 0.0, 0),
+        ("Say no", {"gen_length": 48, "steps": 48, "block_length": 16, "confidence_threshold": 0.7}, 0.8, 5),
+        ("Be brief", {"gen_length": 32, "steps": 8, "block_length": 16, "confidence_threshold": 0.6}, 0.0, 0),
     ]
     prompts = [chat_prompt_ids(tokenizer, c[0]) for c in cases]
     sps = [params(extra, temperature=t, seed=s) for _, extra, t, s in cases]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sps, use_tqdm=False)
+    fewer_steps = 0
     for prompt, (_, extra, t, s), out in zip(prompts, cases, outs):
         assert list(out.outputs[0].token_ids) == reference(
             ref_model, prompt, extra, mask_id, temperature=t, seed=s
         )
+        stats = out.kv_transfer_params["surelock"]
+        assert stats["steps_fixed"] == extra["steps"]
+        if "confidence_threshold" in extra:
+            fewer_steps += stats["steps"] < stats["steps_fixed"]
+        else:
+            assert stats["steps"] == stats["steps_fixed"]
+    assert fewer_steps >= 2  # the threshold really cut steps (else the check above is vacuous)
 
 
 def test_max_tokens_is_the_generation_length(llm, ref_model, tokenizer, mask_id):

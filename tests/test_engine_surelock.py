@@ -78,6 +78,95 @@ def test_surelock_matches_plain_torch_surelock(llm, ref_model, tokenizer, mask_i
         assert sum(s >= 0 for s in lock_step) > len(prompt)  # locking really happened
 
 
+THRESHOLD_CASES = [
+    # (prompt, options, temperature): confidence-threshold decoding stacked with SureLock
+    ("Hi", {"gen_length": 64, "steps": 64, "block_length": 32, "confidence_threshold": 0.65,
+            "surelock": True, "surelock_eps": 1e-3}, 0.0),
+    ("What is 2+3?", {"gen_length": 32, "steps": 32, "block_length": 8, "confidence_threshold": 0.3,
+                      "surelock": True, "surelock_eps": 5e-2, "surelock_confidence_gate": 0.2}, 0.0),
+    ("Count to five", {"gen_length": 48, "steps": 24, "block_length": 16, "confidence_threshold": 0.6,
+                       "surelock": True, "surelock_eps": 5e-3}, 0.7),
+    ("Okay", {"gen_length": 32, "steps": 32, "block_length": 16, "confidence_threshold": 0.6,
+              "surelock": False}, 0.0),
+]
+
+
+def test_threshold_decoding_with_surelock_matches_plain_torch(llm, ref_model, tokenizer, mask_id):
+    prompts = [chat_prompt_ids(tokenizer, c[0]) for c in THRESHOLD_CASES]
+    sps = [params(extra, temperature=t, seed=i) for i, (_, extra, t) in enumerate(THRESHOLD_CASES)]
+    outs, traces = run(llm, prompts, sps)
+    for i, (prompt, (_, extra, t), out, trace) in enumerate(zip(prompts, THRESHOLD_CASES, outs, traces)):
+        options = DiffusionOptions.resolve(
+            {k: v for k, v in extra.items() if not k.startswith("surelock")}, max_tokens=None, temperature=t
+        )
+        stats = out.kv_transfer_params["surelock"]
+        assert stats["steps"] == len(trace) < stats["steps_fixed"] == extra["steps"]
+        if not extra["surelock"]:
+            assert list(out.outputs[0].token_ids) == reference_generate(ref_model, prompt, options, mask_id, seed=i)
+            continue
+        lock = SureLockOptions().resolve(extra)
+        ref = reference_generate_surelock(ref_model, prompt, options, lock, mask_id, seed=i)
+        assert list(out.outputs[0].token_ids) == ref.tokens
+        assert [len(rec["query_positions"]) for rec in trace] == ref.rows_per_step
+        lock_step = [-1] * len(ref.lock_step)
+        for rec in trace:
+            for pos in rec["locked"]:
+                if lock_step[pos] < 0:
+                    lock_step[pos] = rec["step"]
+        assert lock_step == ref.lock_step
+        assert sum(s >= 0 for s in lock_step) > 0
+
+
+RULE_CASES = [
+    # (prompt, options): both lock rules, with and without the gate, several eps, one batch
+    ("Hi", {"gen_length": 64, "steps": 64, "block_length": 32, "surelock": True, "surelock_eps": 1e-3}),
+    ("Hello", {"gen_length": 64, "steps": 64, "block_length": 32, "surelock": True, "surelock_eps": 1e-3,
+               "surelock_candidates": "after_unmask", "surelock_kl_test": "<="}),
+    ("What is 2+3?", {"gen_length": 32, "steps": 32, "block_length": 32, "surelock_preset": "paper",
+                      "surelock_eps": 5e-2}),
+    ("Count to five", {"gen_length": 48, "steps": 48, "block_length": 16, "surelock": True, "surelock_eps": 5e-3,
+                       "surelock_candidates": "after_unmask", "surelock_confidence_gate": 0.5}),
+    ("Okay", {"gen_length": 32, "steps": 16, "block_length": 16, "surelock": True, "surelock_eps": 0.0,
+              "surelock_kl_test": "<=", "surelock_confidence_gate": 0.2}),
+]
+
+
+def locked_steps(trace, canvas_len):
+    lock_step = [-1] * canvas_len
+    for rec in trace:
+        for pos in rec["locked"]:
+            if lock_step[pos] < 0:
+                lock_step[pos] = rec["step"]
+    return lock_step
+
+
+def test_both_lock_rules_match_plain_torch_in_one_batch(llm, ref_model, tokenizer, mask_id):
+    from surelock_vllm.engine.request_options import resolve_request
+
+    prompts = [chat_prompt_ids(tokenizer, c[0]) for c in RULE_CASES]
+    sps = [params(extra, seed=i) for i, (_, extra) in enumerate(RULE_CASES)]
+    # the options each request resolves to (the paper preset's included), before the engine sees them
+    resolved = [resolve_request(sp, len(p), max_model_len=4096, max_rows_per_step=4096) for sp, p in zip(sps, prompts)]
+    outs, traces = run(llm, prompts, sps)
+    same_step_locks = 0
+    for prompt, res, out, trace in zip(prompts, resolved, outs, traces):
+        options, lock = DiffusionOptions(**res["options"]), SureLockOptions(**res["surelock"])
+        ref = reference_generate_surelock(ref_model, prompt, options, lock, mask_id)
+        assert list(out.outputs[0].token_ids) == ref.tokens
+        assert [len(rec["query_positions"]) for rec in trace] == ref.rows_per_step
+        assert locked_steps(trace, len(ref.lock_step)) == ref.lock_step
+        if lock.after_unmask:
+            # a generated token that locked at the step that unmasked it (Algorithm 1's timing)
+            unmasked_at = {}
+            for rec in trace:
+                still = set(rec["masked"])
+                for pos in range(len(prompt), len(ref.lock_step)):
+                    if pos not in still:
+                        unmasked_at.setdefault(pos, rec["step"])
+            same_step_locks += sum(ref.lock_step[p] == s for p, s in unmasked_at.items())
+    assert same_step_locks > 0
+
+
 def test_skipping_is_real(llm, tokenizer):
     """Rows fed = unlocked rows; locked rows' paged K/V never change again."""
     prompts = [chat_prompt_ids(tokenizer, p) for p in PROMPTS[:2]]
@@ -150,7 +239,9 @@ def test_mixed_batch_matches_single_requests(llm, tokenizer):
     for i, (prompt, (_, extra)) in enumerate(zip(prompts, cases)):
         (alone,), (trace,) = run(llm, [prompt], params(extra, temperature=0.5, seed=i))
         assert together[i].outputs[0].token_ids == alone.outputs[0].token_ids
-        assert together[i].kv_transfer_params == alone.kv_transfer_params
+        mine, theirs = together[i].kv_transfer_params["surelock"], alone.kv_transfer_params["surelock"]
+        for key in mine.keys() | theirs.keys():
+            assert mine.get(key) == theirs.get(key), (i, key)
         if not extra.get("surelock_lock_prompt", True):
             assert all(set(range(len(prompt))) <= set(t["query_positions"]) for t in trace)
 

@@ -18,12 +18,19 @@ def test_evaluation_writes_table_json_and_plots(tmp_path, monkeypatch):
     out = tmp_path / "eval"
     assert evaluate.main(["--model", str(CHECKPOINT), "--per-task", "2", "--eps", "5e-3", "0.5",
                           "--repeats", "1", "--gen-length", "32", "--steps", "32", "--block-length", "16",
-                          "--out-dir", str(out)]) == 0
+                          "--rule-eps", "5e-3", "--thresholds", "0.6", "--out-dir", str(out)]) == 0
     report = json.loads((out / "eval.json").read_text())
     assert report["problems"] == 2 * len(TASKS)
     labels = [r["label"] for r in report["runs"]]
-    assert labels == ["no-lock", "eps=0.005", "eps=0.5"]
-    nolock, small, large = report["runs"]
+    assert labels == ["no-lock", "eps=0.005", "eps=0.5", "Alg.1 eps=0.005", "eps=0.005 gate 0.2",
+                      "Alg.1 eps=0.005 gate 0.2", "no-lock, one block", "paper preset eps=0.005",
+                      "thr=0.6 no-lock", "thr=0.6 eps=0.005"]
+    runs = dict(zip(labels, report["runs"]))
+    nolock, small, large = runs["no-lock"], runs["eps=0.005"], runs["eps=0.5"]
+    thr_nolock, thr_lock = runs["thr=0.6 no-lock"], runs["thr=0.6 eps=0.005"]
+    # Algorithm 1 locks tokens a step earlier: it computes fewer rows than the default rule
+    assert runs["Alg.1 eps=0.005"]["rows"] <= small["rows"]
+    assert runs["paper preset eps=0.005"]["rows"] < runs["no-lock, one block"]["rows"]
     assert nolock["agreement_with_nolock"] == 1.0 and nolock["flops_ratio"] == 1.0
     assert nolock["rows"] == nolock["rows_nolock"]
     # locking computes fewer rows, more so with the larger eps
@@ -31,9 +38,17 @@ def test_evaluation_writes_table_json_and_plots(tmp_path, monkeypatch):
     assert 0 < large["flops_ratio"] <= small["flops_ratio"] < 1
     assert set(small["accuracy_per_task"]) == set(TASKS)
     table = (out / "eval.md").read_text()
-    assert "| eps=0.5 |" in table and "exact match" in table
+    assert "| eps=0.5 |" in table and "exact match" in table and "| paper preset eps=0.005 |" in table
     assert (out / "stepwise_flops_ratio.png").stat().st_size > 0
     assert (out / "accuracy_vs_flops.png").stat().st_size > 0
+    # the fewer-steps grid: the threshold takes fewer steps than the fixed schedule, and
+    # SureLock on top computes fewer rows still; both measured against fixed-step no-lock
+    assert nolock["steps"] == nolock["steps_fixed"] and nolock["rows_vs_baseline"] == 1.0
+    assert thr_nolock["steps"] < thr_nolock["steps_fixed"] and thr_nolock["steps_per_position"] < 1
+    assert thr_lock["rows_vs_baseline"] < thr_nolock["rows_vs_baseline"] < 1
+    assert thr_lock["flops_vs_baseline"] < thr_nolock["flops_vs_baseline"] < 1
+    assert "## Fewer steps" in table and "| thr=0.6 eps=0.005 |" in table
+    assert (out / "accuracy_vs_speedup.png").stat().st_size > 0
 
 
 def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path, capsys):

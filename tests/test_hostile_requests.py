@@ -33,7 +33,7 @@ MAX_MODEL_LEN = 1024
 MAX_ROWS = 2048
 SETTINGS = ServerSettings.from_mapping({"max_gen_length": 512, "max_steps": 256})
 
-OPTION_KEYS = ["gen_length", "steps", "block_length", "remasking", *SURELOCK_KEYS]
+OPTION_KEYS = ["gen_length", "steps", "block_length", "remasking", "confidence_threshold", *SURELOCK_KEYS]
 HOSTILE_KEYS = ["_surelock_resolved", "_x", "gen_lenght", "", "steps ", "STEPS"]
 
 def hostile(int_bound: int):
@@ -44,7 +44,7 @@ def hostile(int_bound: int):
         st.booleans(),
         st.none(),
         st.text(max_size=6),
-        st.sampled_from(["low_confidence", "random", "true", "false", "1", "1e9"]),
+        st.sampled_from(["low_confidence", "random", "true", "false", "1", "1e9", "paper", "after_unmask", "<="]),
         st.lists(st.integers(min_value=-3, max_value=3), max_size=3),
         st.dictionaries(st.text(max_size=3), st.integers(min_value=-9, max_value=9), max_size=2),
     )
@@ -88,10 +88,13 @@ def check_within_bounds(resolved: dict, prompt_len: int) -> None:
     assert options.gen_length % options.block_length == 0 and options.steps % options.num_blocks == 0
     assert prompt_len + options.gen_length <= min(MAX_MODEL_LEN, MAX_ROWS)
     assert options.remasking in REMASKING_CHOICES
+    threshold = options.confidence_threshold
+    assert threshold is None or (0 < threshold <= 1 and options.remasking == "low_confidence")
     assert math.isfinite(options.temperature) and options.temperature >= 0
     lock = SureLockOptions(**resolved["surelock"])
     assert math.isfinite(lock.eps) and lock.eps >= 0
     assert lock.confidence_gate is None or 0 < lock.confidence_gate <= 1
+    assert lock.candidates in ("before_unmask", "after_unmask") and lock.kl_test in ("<", "<=")
 
 
 # A fixed budget and a fixed example stream in CI (derandomize); explore more with
@@ -144,9 +147,13 @@ engine_xargs = st.fixed_dictionaries(
         "steps": st.one_of(st.integers(min_value=1, max_value=48), engine_hostile_values),
         "block_length": st.one_of(st.sampled_from([8, 16, 24]), engine_hostile_values),
         "remasking": st.one_of(st.sampled_from(REMASKING_CHOICES), engine_hostile_values),
+        "confidence_threshold": st.one_of(st.sampled_from([None, 0, 0.6, 0.9]), engine_hostile_values),
         "surelock": st.one_of(st.booleans(), engine_hostile_values),
         "surelock_eps": st.one_of(st.sampled_from([0.0, 5e-3, 0.5, 10.0]), engine_hostile_values),
         "surelock_confidence_gate": st.one_of(st.sampled_from([None, 0.2, 1.0]), engine_hostile_values),
+        "surelock_candidates": st.one_of(st.sampled_from(["before_unmask", "after_unmask"]), engine_hostile_values),
+        "surelock_kl_test": st.one_of(st.sampled_from(["<", "<="]), engine_hostile_values),
+        "surelock_preset": st.one_of(st.just("paper"), engine_hostile_values),
         "_surelock_resolved": engine_hostile_values,
         "stepz": st.integers(min_value=-(2**62), max_value=2**62),
     },

@@ -40,16 +40,18 @@ def test_plugin_flag_selects_plugins_and_turns_surelock_on(monkeypatch):
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     args = parse(["--model", MODEL, "--plugin", "surelock", "--surelock-eps", "0.01",
                   "--diffusion-block-length", "16", "--no-surelock-lock-prompt",
-                  "--diffusion-max-steps", "512", "--diffusion-max-gen-length", "2048"])
+                  "--diffusion-max-steps", "512", "--diffusion-max-gen-length", "2048",
+                  "--diffusion-confidence-threshold", "0.9"])
     assert os.environ["VLLM_PLUGINS"] == "surelock"
     assert args.additional_config["surelock"] == {
         "enabled": True, "eps": 0.01, "block_length": 16, "lock_prompt": False,
-        "max_steps": 512, "max_gen_length": 2048,
+        "max_steps": 512, "max_gen_length": 2048, "confidence_threshold": 0.9,
     }
     from surelock_vllm.engine.settings import ServerSettings
 
     settings = ServerSettings.from_mapping(args.additional_config["surelock"])
     assert (settings.limits.max_steps, settings.limits.max_gen_length) == (512, 2048)
+    assert settings.diffusion.confidence_threshold == 0.9
     assert args.override_generation_config["max_new_tokens"] == cli_flags.DEFAULT_GEN_LENGTH
 
 

@@ -5,6 +5,7 @@ path to the same reference.
 """
 
 import pytest
+import torch
 
 from conftest import CHECKPOINT, PROMPTS, chat_prompt_ids
 from surelock_vllm.diffusion.denoiser import CanvasDenoiser
@@ -28,6 +29,7 @@ def run_denoiser(model, prompt, options, mask_id, seed):
             out += block
             blocks += 1
     assert blocks == options.num_blocks
+    assert den.num_steps_done <= options.steps
     return out
 
 
@@ -39,6 +41,9 @@ def run_denoiser(model, prompt, options, mask_id, seed):
         ({"gen_length": 24, "steps": 6, "block_length": 24}, 0.0),
         ({"gen_length": 32, "steps": 16, "block_length": 8}, 0.8),
         ({"gen_length": 32, "steps": 16, "block_length": 8, "remasking": "random"}, 0.5),
+        # confidence-threshold decoding: blocks end early; with few steps, steps bound it
+        ({"gen_length": 32, "steps": 32, "block_length": 8, "confidence_threshold": 0.65}, 0.0),
+        ({"gen_length": 32, "steps": 4, "block_length": 16, "confidence_threshold": 0.9}, 0.7),
     ],
 )
 def test_denoiser_matches_reference(model, tokenizer, mask_id, extra, temperature):
@@ -61,6 +66,29 @@ def test_every_position_is_unmasked_once(model, tokenizer, mask_id):
         unmasked_per_step.append(before - int((den.canvas == mask_id).sum()))
     assert masked_before == 32
     assert unmasked_per_step == [4] * 8  # 16 per block over 4 steps
+
+
+def test_threshold_unmasks_every_sure_position_and_stays_within_steps(model, tokenizer, mask_id):
+    """Fast-dLLM's rule: every masked position of the block at least `threshold` confident
+    (at least one); `steps` is an upper bound per block."""
+    prompt = chat_prompt_ids(tokenizer, "Hi")
+    for threshold, steps in ((0.65, 32), (0.99, 32), (0.99, 8), (0.01, 32)):
+        options = DiffusionOptions.resolve(
+            {"steps": steps, "block_length": 16, "confidence_threshold": threshold}, max_tokens=32, temperature=0.0)
+        den = CanvasDenoiser(prompt, options, mask_id, 0)
+        while not den.finished:
+            start, end = den.block_bounds()
+            logits = model(den.canvas)[den.logit_positions()]
+            confidence = torch.softmax(logits.float(), -1).max(-1).values
+            sure = int((confidence >= threshold).sum())
+            masked = int(den.masked[start:end].sum())
+            steps_left = options.steps_per_block - den.step_in_block
+            den.step(logits)
+            unmasked = masked - int(den.masked[start:end].sum())
+            assert unmasked == max(sure, -(-masked // steps_left), 1)
+        assert den.num_steps_done <= steps
+        if threshold == 0.01:  # everything is sure: one step per block
+            assert den.num_steps_done == options.num_blocks
 
 
 def test_sampling_is_seeded(model, tokenizer, mask_id):

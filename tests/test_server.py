@@ -49,7 +49,7 @@ def stream_chunks(server, path, body):
 
 def expected_tokens(ref_model, prompt_ids, xargs, mask_id, max_tokens, temperature=0.0, seed=0, server_lock=True):
     """What the sampler must produce: the plain-torch reference, with or without SureLock."""
-    keys = {"gen_length", "steps", "block_length", "remasking"}
+    keys = {"gen_length", "steps", "block_length", "remasking", "confidence_threshold"}
     options = DiffusionOptions.resolve({k: v for k, v in xargs.items() if k in keys}, max_tokens=max_tokens, temperature=temperature)
     lock = SureLockOptions(enabled=server_lock).resolve(xargs)
     if lock.enabled:
@@ -137,6 +137,8 @@ def test_64_concurrent_requests(server, ref_model, tokenizer, mask_id):
             xargs["surelock_eps"] = (5e-4, 5e-3, 5e-2)[i % 3]
         if i % 5 == 0:
             xargs["remasking"] = "random"
+        elif i % 6 == 3:
+            xargs["confidence_threshold"] = 0.65  # fewer steps, blocks ending at different steps
         temperature = 0.7 if i % 3 == 0 else 0.0
         jobs.append(dict(prompt=f"Question {i}: what is {i} + {i}?", max_tokens=gen, temperature=temperature,
                          seed=i, ignore_eos=True, return_token_ids=True, vllm_xargs=xargs, stream=i % 3 == 1))
@@ -166,6 +168,8 @@ BAD_REQUESTS = [
     ({"vllm_xargs": {"gen_lenght": 32}}, "gen_lenght"),
     ({"vllm_xargs": {"surelock_eps": -0.1}}, "surelock_eps"),
     ({"vllm_xargs": {"surelock_confidence_gate": 2.0}}, "surelock_confidence_gate"),
+    ({"vllm_xargs": {"confidence_threshold": 1.5}}, "confidence_threshold"),
+    ({"vllm_xargs": {"confidence_threshold": 0.9, "remasking": "random"}}, "confidence_threshold"),
     ({"top_p": 0.9}, "top_p"),
     ({"logprobs": 2}, "logprobs"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
@@ -216,10 +220,15 @@ def test_disconnect_mid_stream_frees_kv_blocks(server):
 def test_surelock_metrics_on_metrics_endpoint(server):
     before = server.metrics()
     resp = post(server, "/v1/completions", {"prompt": "Count", "max_tokens": 64, "ignore_eos": True,
-                                            "vllm_xargs": {"steps": 64, "block_length": 64, "surelock_eps": 0.05}})
+                                            "vllm_xargs": {"steps": 64, "block_length": 64, "surelock_eps": 0.05,
+                                                           "confidence_threshold": 0.65}})
     stats = resp.json()["kv_transfer_params"]["surelock"]
     after = server.metrics()
     assert after["surelock_requests_total"] == before.get("surelock_requests_total", 0) + 1
+    # steps taken (fewer, with the threshold) next to the fixed schedule's
+    assert stats["steps"] < stats["steps_fixed"] == 64
+    assert after["surelock_steps_total"] - before.get("surelock_steps_total", 0) == stats["steps"]
+    assert after["surelock_steps_fixed_total"] - before.get("surelock_steps_fixed_total", 0) == 64
     assert after["surelock_rows_computed_total"] - before.get("surelock_rows_computed_total", 0) == stats["rows"]
     assert after["surelock_rows_nolock_total"] - before.get("surelock_rows_nolock_total", 0) == stats["rows_nolock"]
     saved = stats["dense_flops_nolock"] + stats["attention_flops_nolock"] - stats["dense_flops"] - stats["attention_flops"]

@@ -51,8 +51,10 @@ def _stream(server, body, first_block: threading.Event):
 
 def test_higher_priority_request_preempts_and_all_answers_are_right(server, tokenizer, mask_id):
     lock_xargs = {"steps": LOW_GEN, "block_length": 32, "surelock_eps": 5e-3}
+    # the second one also decodes by confidence threshold (its blocks end at data-dependent steps)
+    low_xargs = [lock_xargs, {**lock_xargs, "confidence_threshold": 0.7}]
     low = [dict(model=str(CHECKPOINT), prompt=f"Low priority story number {i}", max_tokens=LOW_GEN, temperature=0.0,
-                ignore_eos=True, priority=10, return_token_ids=True, vllm_xargs=lock_xargs) for i in range(2)]
+                ignore_eos=True, priority=10, return_token_ids=True, vllm_xargs=low_xargs[i]) for i in range(2)]
     high = dict(model=str(CHECKPOINT), prompt="Urgent!", max_tokens=HIGH_GEN, temperature=0.0, ignore_eos=True,
                 priority=0, return_token_ids=True, vllm_xargs={"steps": HIGH_GEN, "block_length": 32, "surelock": 0})
     blocks = [-(-(len(tokenizer(j["prompt"])["input_ids"]) + j["max_tokens"]) // 32) for j in (*low, high)]
@@ -72,8 +74,9 @@ def test_higher_priority_request_preempts_and_all_answers_are_right(server, toke
     assert next(v for k, v in metrics.items() if k.startswith("vllm:num_preemptions_total")) >= 1
 
     model = LLaDAReferenceLM.from_pretrained(CHECKPOINT, torch.float32)
-    low_options = DiffusionOptions.resolve({"steps": LOW_GEN, "block_length": 32}, max_tokens=LOW_GEN, temperature=0.0)
-    for prompt_ids, ids, text in low_results:
+    for (prompt_ids, ids, text), xargs in zip(low_results, low_xargs):
+        options = {k: v for k, v in xargs.items() if not k.startswith("surelock")}
+        low_options = DiffusionOptions.resolve(options, max_tokens=LOW_GEN, temperature=0.0)
         want = reference_generate_surelock(model, prompt_ids, low_options, SureLockOptions(enabled=True, eps=5e-3), mask_id).tokens
         assert ids == want  # the whole answer, every token once, in order
     got = high_resp.json()["choices"][0]

@@ -51,6 +51,42 @@ def test_eps_zero_never_locks_even_identical_posteriors():
     assert not lock.locked.any()
 
 
+def test_inclusive_test_locks_identical_posteriors_at_eps_zero():
+    # Algorithm 1's D <= eps: identical posteriors (D = 0) lock even at eps = 0
+    lock = LockState(4, 0, SureLockOptions(enabled=True, eps=0.0, kl_test="<="))
+    masked = torch.zeros(4, dtype=torch.bool)
+    rows = torch.arange(4)
+    assert lock.observe(rows, logits_for(4, 1), lock.candidates(masked), 0).numel() == 0  # no previous yet
+    assert lock.observe(rows, logits_for(4, 1), lock.candidates(masked), 1).tolist() == [0, 1, 2, 3]
+
+
+def test_candidates_before_and_after_unmasking():
+    """A token unmasked at step t: tested at t+1 (before_unmask), or already at t with the
+    posterior its [MASK] input produced (after_unmask, Algorithm 1)."""
+    masked_before = torch.tensor([False, True, True])
+    masked_after = torch.tensor([False, False, True])  # position 1 unmasked at step 1
+    rows = torch.arange(3)
+    results = {}
+    for candidates in ("before_unmask", "after_unmask"):
+        lock = LockState(3, 1, SureLockOptions(enabled=True, eps=1e-3, candidates=candidates))
+        lock.observe(rows, logits_for(3, 1), lock.candidates(masked_before), 0)  # step 0: all masked but 0
+        z = lock.candidates(masked_before if candidates == "before_unmask" else masked_after)
+        results[candidates] = lock.observe(rows, logits_for(3, 1), z, 1).tolist()
+    assert results == {"before_unmask": [0], "after_unmask": [0, 1]}
+
+
+def test_paper_preset_and_rule_options():
+    paper = SureLockOptions().resolve({"surelock_preset": "paper"})
+    assert paper == SureLockOptions(enabled=True, candidates="after_unmask", kl_test="<=",
+                                    confidence_gate=0.2, preset="paper")
+    # explicit keys win over the preset's values
+    assert SureLockOptions().resolve({"surelock_preset": "paper", "surelock_confidence_gate": 0.5}).confidence_gate == 0.5
+    # a server-wide preset is every request's default
+    server = SureLockOptions.from_defaults({"preset": "paper"})
+    assert server.resolve({}).after_unmask and server.resolve({}).inclusive
+    assert server.resolve({"surelock_kl_test": "<"}).kl_test == "<"
+
+
 def test_changed_posterior_does_not_lock():
     lock = LockState(4, 0, SureLockOptions(enabled=True, eps=1e-3))
     masked = torch.zeros(4, dtype=torch.bool)
@@ -99,6 +135,10 @@ def test_disabled_never_locks():
         ({"surelock_confidence_gate": 0}, "surelock_confidence_gate"),
         ({"surelock_lock_prompt": 2}, "surelock_lock_prompt"),
         ({"surelock": "maybe"}, "surelock"),
+        ({"surelock_candidates": "during"}, "surelock_candidates"),
+        ({"surelock_kl_test": "<<"}, "surelock_kl_test"),
+        ({"surelock_preset": "fast"}, "surelock_preset"),
+        ({"surelock_preset": ["paper"]}, "surelock_preset"),
     ],
 )
 def test_invalid_request_options_name_the_key(extra, option):

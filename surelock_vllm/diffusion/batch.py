@@ -10,7 +10,9 @@ tensor operations over all of them, with no loop over requests:
           and with SureLock the lock candidates Z), laid out flat;
   step:   given the final hidden states of the rows read and the LM head:
           x0 and confidence of the block's rows (sampling.py),
-          the top-k transfer per request, then for SureLock requests the
+          the top-k transfer per request (k from LLaDA's schedule, or from
+          a confidence threshold, whose blocks end as soon as nothing in
+          them is masked), then for SureLock requests the
           step-wise KL of Z against the previous posteriors, the confidence
           gate, and the new locks.
 
@@ -31,7 +33,10 @@ request's first step its whole prompt is in Z with nothing to compare against
 yet, and most of it locks at the next step; those rows keep their final hidden
 state instead (`_hidden`, addressed by `prev_hidden`: d_model values, not a
 vocabulary's) and the next step recomputes their posteriors once, counted in
-the request's logit rows. No [canvas, vocab] tensor exists: the store holds
+the request's logit rows; so do the rows of Z past the store's budget
+(`stored_rows` per request, STORED_ROWS_PER_REQUEST), which bounds the
+store when many candidates stay unlocked (early steps, or a model whose
+posteriors keep moving). No [canvas, vocab] tensor exists: the store holds
 the rows of Z that stay unlocked, and Z's logits are computed a chunk at a
 time inside the test and never exist whole.
 The decisions are those of `lock_rule.LockState`, which keeps every row's
@@ -56,7 +61,13 @@ import torch
 from surelock_vllm.diffusion.lock_rule import stepwise_kl
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.diffusion.random import request_seed
-from surelock_vllm.diffusion.sampling import chunk_rows, num_transfer, top_k_per_group, x0_and_score
+from surelock_vllm.diffusion.sampling import (
+    chunk_rows,
+    num_transfer,
+    threshold_num_transfer,
+    top_k_per_group,
+    x0_and_score,
+)
 
 
 # rows of Z whose logits the lock test computes at once: enough to stream the
@@ -65,6 +76,13 @@ from surelock_vllm.diffusion.sampling import chunk_rows, num_transfer, top_k_per
 _HEAD_CHUNK_ROWS = 64
 # a Z up to this many rows shares the block rows' LM-head call
 _SHARED_HEAD_ROWS = 32
+# rows of previous posteriors the store holds per request: past this, a
+# candidate keeps its final hidden state and next step recomputes its
+# posterior (at LLaDA-8B's vocabulary a stored row is 0.5 MB; a request has
+# 3-4 candidates a step once its prompt has locked, but the whole prompt
+# until then). Per request, so that what a request computes does not depend
+# on the other requests of its batch.
+STORED_ROWS_PER_REQUEST = 4
 
 
 @dataclass
@@ -77,8 +95,10 @@ class SlotInfo:
     num_blocks: int
     sampled: bool  # temperature > 0
     random_remasking: bool
+    adaptive: bool  # a confidence threshold: blocks end when unmasked, steps are an upper bound
     surelock: bool
     gated: bool
+    after_unmask: bool  # Algorithm 1: this step's unmasked tokens are lock candidates now
     next_rows: int  # rows its next step computes (the scheduler's charge)
     blocks_done: int = 0
     stepped: bool = False  # has taken its first step (Z's rows all have a previous posterior)
@@ -102,6 +122,32 @@ class BatchPlan:
 
 
 @dataclass
+class _BlockRows:
+    """The block's masked rows read this step (the sampler's rows), for the lock test."""
+
+    req: torch.Tensor  # [n] request (index in the plan)
+    slot: torch.Tensor  # [n]
+    pos: torch.Tensor  # [n]
+    hidden: torch.Tensor  # [n, d] final hidden states
+    unmasked: torch.Tensor  # indices of the rows unmasked this step (SureLock requests)
+    unmasked_logits: torch.Tensor  # [len(unmasked), vocab] float32
+
+
+def _cumsum_in_groups(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Inclusive cumulative sum of bool `values` within runs of equal `group` (rows grouped)."""
+    total = torch.cumsum(values.long(), 0)
+    starts = torch.ones_like(values)
+    starts[1:] = group[1:] != group[:-1]
+    first = torch.cummax(torch.where(starts, torch.arange(values.shape[0], device=values.device), 0), 0).values
+    return total - total[first] + values[first].long()
+
+
+def _passes(kl: torch.Tensor, eps: torch.Tensor, inclusive: torch.Tensor) -> torch.Tensor:
+    """The sure test per row: KL < eps, or KL <= eps where `inclusive` (Algorithm 1)."""
+    return torch.where(inclusive, kl <= eps, kl < eps)
+
+
+@dataclass
 class StepResult:
     """Host-side outcome of one step, per scheduled request."""
 
@@ -113,8 +159,10 @@ class StepResult:
 
 
 class DiffusionBatch:
-    def __init__(self, max_requests: int, max_canvas_len: int, mask_id: int, device: torch.device | str = "cpu"):
+    def __init__(self, max_requests: int, max_canvas_len: int, mask_id: int, device: torch.device | str = "cpu",
+                 stored_rows: int = STORED_ROWS_PER_REQUEST):
         S, L = max_requests, max_canvas_len
+        self.stored_rows = stored_rows  # the store's budget of Z rows per request
         self.mask_id = mask_id
         self.device = device = torch.device(device)
         self.max_canvas_len = L
@@ -150,6 +198,8 @@ class DiffusionBatch:
         self.steps_done = slots(torch.long)
         self.temperature = slots(torch.float64)
         self.random_remasking = slots(torch.bool, False)
+        self.threshold = slots(torch.float64)  # confidence threshold (adaptive unmasking), 0: none
+        self.adaptive = slots(torch.bool, False)
         self.seed = slots(torch.long)
         self.surelock = slots(torch.bool, False)
         self.lock_prompt = slots(torch.bool, True)
@@ -157,6 +207,8 @@ class DiffusionBatch:
         self.eps = slots(torch.float32)
         self.gate = slots(torch.float64, 1.0)
         self.gated = slots(torch.bool, False)
+        self.after_unmask = slots(torch.bool, False)  # candidates after this step's unmasking
+        self.inclusive = slots(torch.bool, False)  # the sure test is KL <= eps (else <)
 
         self.info: dict[int, SlotInfo] = {}
         self._free = list(range(S - 1, -1, -1))
@@ -194,19 +246,24 @@ class DiffusionBatch:
             "prompt_len": p, "canvas_len": canvas_len, "block_length": options.block_length,
             "steps_per_block": options.steps_per_block, "block": 0, "step_in_block": 0, "steps_done": 0,
             "temperature": options.temperature, "random_remasking": options.remasking == "random",
+            "threshold": options.confidence_threshold or 0.0,
+            "adaptive": options.confidence_threshold is not None,
             "seed": request_seed(seed), "surelock": lock is not None,
             "lock_prompt": True if lock is None else lock.lock_prompt,
             "eps": 0.0 if lock is None else lock.eps,
             "gated": lock is not None and lock.confidence_gate is not None,
             "gate": 1.0 if lock is None or lock.confidence_gate is None else lock.confidence_gate,
+            "after_unmask": lock is not None and lock.after_unmask,
+            "inclusive": lock is not None and lock.inclusive,
         }
         for name, value in values.items():
             getattr(self, name)[slot] = value
         self.info[slot] = SlotInfo(
             prompt_len=p, canvas_len=canvas_len, block_length=options.block_length,
             num_blocks=options.num_blocks, sampled=options.temperature > 0,
-            random_remasking=options.remasking == "random", surelock=lock is not None,
-            gated=values["gated"], next_rows=canvas_len,
+            random_remasking=options.remasking == "random",
+            adaptive=options.confidence_threshold is not None, surelock=lock is not None,
+            gated=values["gated"], after_unmask=values["after_unmask"], next_rows=canvas_len,
         )
         return slot
 
@@ -275,20 +332,35 @@ class DiffusionBatch:
             self.steps_done[slot], pos, any(i.sampled for i in infos), any(i.random_remasking for i in infos),
         )
         k = num_transfer(self.block_length[index], self.steps_per_block[index], self.step_in_block[index])
+        any_adaptive = any(i.adaptive for i in infos)
+        if any_adaptive:
+            steps_left = self.steps_per_block[index] - self.step_in_block[index]
+            k_adaptive = threshold_num_transfer(score, req, self.threshold[index], steps_left)
+            k = torch.where(self.adaptive[index], k_adaptive, k)
         chosen = top_k_per_group(score, req, k)
         self.canvas[slot[chosen], pos[chosen]] = x0[chosen]
-        self.masked[slot[chosen], pos[chosen]] = x0[chosen] == self.mask_id
+        still_masked = x0[chosen] == self.mask_id  # (a sampled mask token stays masked)
+        self.masked[slot[chosen], pos[chosen]] = still_masked
+        if any_adaptive:
+            # masked rows left in each request's block after this step
+            left = torch.zeros(len(infos), dtype=torch.long, device=self.device)
+            left.index_add_(0, req, (~chosen).long())
+            left.index_add_(0, req[chosen], still_masked.long())
 
         # -- SureLock: test Z against the previous posteriors, lock the sure ones
         recomputed = None
         if any_surelock:
             unmasked = (chosen & (x0 != self.mask_id) & self.surelock[slot]).nonzero().squeeze(-1)
-            unmasked_logits, z_logits = row_logits[unmasked], (head[n:] if first_z else None)
+            block = _BlockRows(
+                req=req, slot=slot, pos=pos, hidden=hidden[:n], unmasked=unmasked,
+                unmasked_logits=row_logits[unmasked],
+            )
+            z_logits = head[n:] if first_z else None
             del head, row_logits  # the block rows' logits are done with: free them before the test
             recomputed = self._lock_step(
-                plan, hidden[n:], z_logits, lm_head, read_slot[n:], unmasked_logits,
-                read_slot[unmasked], pos[unmasked], any(i.gated for i in infos),
+                plan, hidden[n:], z_logits, lm_head, read_slot[n:], block, any(i.gated for i in infos),
                 first_step=any(i.surelock and not i.stepped for i in infos),
+                any_after_unmask=any(i.after_unmask for i in infos),
                 carry=self._unscheduled_surelock_slots(plan),
             )
 
@@ -297,30 +369,38 @@ class DiffusionBatch:
         self.steps_done[index] += 1
         self.step_in_block[index] += 1
         block_done = self.step_in_block[index] >= self.steps_per_block[index]
+        if any_adaptive:
+            # with a confidence threshold a block also ends as soon as nothing in it is masked
+            block_done |= self.adaptive[index] & (left == 0)
         self.block[index] += block_done.long()
         self.step_in_block[index] = torch.where(block_done, 0, self.step_in_block[index])
         return self._to_host(plan, infos, blocks_done_before, recomputed)
 
-    def _lock_step(self, plan, z_hidden, z_logits, lm_head, slot, unmasked_logits, u_slot, u_pos,
-                   any_gated, first_step, carry) -> torch.Tensor | None:
-        """Lock test over Z (the rows read after the block's), then the store for next step.
+    def _lock_step(self, plan, z_hidden, z_logits, lm_head, slot, block, any_gated, first_step,
+                   any_after_unmask, carry) -> torch.Tensor | None:
+        """Lock test over the candidates, then the store for next step.
 
-        `z_logits`: Z's logits if they were computed with the block's rows,
-        else None (computed here a chunk at a time); `unmasked_*`: the block
-        rows this step unmasked (SureLock requests), whose posteriors next
-        step's test compares against; `first_step`: some request takes its
-        first step. Returns the logit rows recomputed per scheduled request
-        (None when none could be).
+        The candidates are Z (the rows read after the block's) and, for
+        requests with `after_unmask` (Algorithm 1), also the block rows this
+        step unmasked (`block.unmasked`). `z_logits`: Z's logits if they were
+        computed with the block's rows, else None (computed here a chunk at a
+        time); `first_step`: some request takes its first step. Returns the
+        logit rows recomputed per scheduled request (None when none were).
         """
         n = plan.num_sampled
         pos, req = plan.read_pos[n:], plan.read_b[n:]
-        num_z, vocab = z_hidden.shape[0], unmasked_logits.shape[-1]
+        u_slot, u_pos, u_req = block.slot[block.unmasked], block.pos[block.unmasked], block.req[block.unmasked]
+        num_z, vocab = z_hidden.shape[0], block.unmasked_logits.shape[-1]
+        num_unmasked = u_slot.shape[0]
         prev = self.prev_index[slot, pos]
         prev_h = self.prev_hidden[slot, pos] if self._hidden_rows else None
+        u_prev_h = self.prev_hidden[u_slot, u_pos] if self._hidden_rows and any_after_unmask else None
         has_prev = prev >= 0 if prev_h is None else (prev >= 0) | (prev_h >= 0)
-        eps = self.eps[slot]
+        eps, inclusive = self.eps[slot], self.inclusive[slot]
         testable = self._store_rows > 0 or self._hidden_rows > 0
-        recomputed = None if prev_h is None else torch.zeros(len(plan.slots), dtype=torch.long, device=self.device)
+        recomputed = None
+        if prev_h is not None or u_prev_h is not None:
+            recomputed = torch.zeros(len(plan.slots), dtype=torch.long, device=self.device)
         # At a request's first step all of its prompt is in Z, none of it with
         # a previous posterior: those rows keep their final hidden state
         # (d_model values instead of a vocabulary's) and next step recomputes
@@ -332,19 +412,25 @@ class DiffusionBatch:
         carried = self._carried_rows(carry, self.prev_index, self._store_rows)
         carried_hidden = self._carried_rows(carry, self.prev_hidden, self._hidden_rows)
         num_carried = 0 if carried is None else carried[0].shape[0]
-        num_unmasked = u_slot.shape[0]
-        # Next step's store: carried rows, Z's rows that stay unlocked, the rows
+        # Next step's store: carried rows, Z's rows that stay unlocked (up to the
+        # budget `stored_rows`; the rest keep their hidden states), the rows
         # unmasked now, and one scratch row.
-        store = self._store_buffer(num_carried + num_z + num_unmasked + 1, vocab)
+        budget = self.stored_rows * len(plan.slots)
+        spill = num_z > self.stored_rows  # some request's Z may outgrow its budget
+        store = self._store_buffer(num_carried + min(num_z, budget) + num_unmasked + 1, vocab)
+        spilled = torch.zeros((num_z,), dtype=torch.bool, device=self.device) if spill else None
+        # rows of each request's Z written so far (its budget's use)
+        stored = torch.zeros(len(plan.slots), dtype=torch.long, device=self.device) if spill else None
         # Without the gate a row's decision is known as soon as its KL is, so
         # only the rows that stay unlocked are written to the store (the rows
         # that lock now, most of the prompt at a request's second step, never
-        # touch its memory); the gate ranks all of Z first, so then all are kept.
-        compact = not any_gated
+        # touch its memory); the gate ranks all of a request's Z first, so a
+        # gated request's rows are all kept.
+        gated_row = self.gated[slot]
         dest = torch.full((num_z,), -1, dtype=torch.long, device=self.device)  # store row, -1: none
         next_row = torch.full((1,), num_carried, dtype=torch.long, device=self.device)
         chunk = min(chunk_rows(vocab, self.device), max(1, num_z))
-        probs, previous, product, staging = (unmasked_logits.new_empty((chunk, vocab)) for _ in range(4))
+        probs, previous, product, staging = (block.unmasked_logits.new_empty((chunk, vocab)) for _ in range(4))
         # Z's LM head a chunk at a time (enough rows to read the head's weights
         # once per chunk), then log-softmax and KL a few rows at a time within
         # it, into reused buffers: at a 126k vocabulary a row is 0.5 MB, and
@@ -372,22 +458,59 @@ class DiffusionBatch:
                         before = torch.index_select(self._store, 0, prev[lo:hi].clamp_min(0), out=previous[:m])
                     torch.exp(logp, out=probs[:m])
                     kl[lo:hi] = stepwise_kl(logp, before, probs[:m], product[:m])
-                write = ~(has_prev[lo:hi] & (kl[lo:hi] < eps[lo:hi])) if compact else torch.ones_like(has_prev[lo:hi])
+                write = gated_row[lo:hi] | ~(has_prev[lo:hi] & _passes(kl[lo:hi], eps[lo:hi], inclusive[lo:hi]))
                 if to_hidden is not None:
                     write &= ~to_hidden[lo:hi]
+                if spill:
+                    # past its request's budget a row keeps its hidden state instead
+                    over = write & (stored[req[lo:hi]] + _cumsum_in_groups(write, req[lo:hi]) > self.stored_rows)
+                    spilled[lo:hi] = over
+                    write &= ~over
+                    stored.index_add_(0, req[lo:hi], write.long())
                 rows = torch.where(write, next_row + torch.cumsum(write, 0) - 1, store.shape[0] - 1)
                 store.index_copy_(0, rows, logp)
                 next_row += write.sum()
                 dest[lo:hi] = torch.where(write, rows, -1)
-        sure = has_prev & (kl < eps)
+        sure = has_prev & _passes(kl, eps, inclusive)
+
+        # Algorithm 1: the tokens this step unmasked are candidates now, tested
+        # against their posteriors of the previous step, when they were masked
+        # block rows (recomputed from the hidden states kept then).
+        u_logp = torch.log_softmax(block.unmasked_logits, dim=-1)
+        u_candidate = self.after_unmask[u_slot]
+        u_sure = torch.zeros_like(u_candidate)
+        if u_prev_h is not None:
+            u_has_prev = u_candidate & (u_prev_h >= 0)
+            again = u_has_prev.nonzero().squeeze(-1)  # a few rows a step: k per request
+            if again.numel():
+                u_before = torch.log_softmax(lm_head(self._hidden[u_prev_h[again]]).float(), dim=-1)
+                u_kl = stepwise_kl(u_logp[again], u_before)
+                u_sure[again] = _passes(u_kl, self.eps[u_slot[again]], self.inclusive[u_slot[again]])
+                recomputed.index_add_(0, u_req[again], torch.ones_like(again))
         if any_gated:
             # u = 1 - max p; keep the ceil(m |Z|) least uncertain rows of each request's Z
-            uncertainty = 1.0 - max_logp.exp()
-            size = torch.bincount(req, minlength=len(plan.slots)).to(torch.float64)
-            keep = torch.ceil(self.gate[plan.slot_index] * size).long().clamp_min(1)
-            sure &= top_k_per_group(-uncertainty, req, keep) | ~self.gated[slot]
-        self.locked[slot[sure], pos[sure]] = True
-        self.lock_step[slot[sure], pos[sure]] = self.steps_done[slot[sure]].int()
+            # (Z and, under Algorithm 1, this step's unmasked tokens, ranked together in
+            # position order so that ties go to the earlier position, as in LockState)
+            all_req = torch.cat([req, u_req])
+            all_pos = torch.cat([pos, u_pos])
+            candidate = torch.cat([torch.ones_like(has_prev), u_candidate])
+            uncertainty = torch.cat([1.0 - max_logp.exp(), 1.0 - u_logp.max(dim=-1).values.exp()])
+            uncertainty = torch.where(candidate, uncertainty, math.inf)
+            order = torch.argsort(all_req * (self.max_canvas_len + 1) + all_pos, stable=True)
+            size = torch.zeros(len(plan.slots), dtype=torch.long, device=self.device)
+            size.index_add_(0, all_req, candidate.long())
+            keep = torch.ceil(self.gate[plan.slot_index] * size.to(torch.float64)).long().clamp_min(1)
+            kept_sorted = top_k_per_group(-uncertainty[order], all_req[order], keep)
+            within = torch.empty_like(kept_sorted)
+            within[order] = kept_sorted
+            within &= candidate
+            all_slot = torch.cat([slot, u_slot])
+            within |= ~self.gated[all_slot]
+            sure &= within[:num_z]
+            u_sure &= within[num_z:]
+        for rows_slot, rows_pos, rows_sure in ((slot, pos, sure), (u_slot, u_pos, u_sure)):
+            self.locked[rows_slot[rows_sure], rows_pos[rows_sure]] = True
+            self.lock_step[rows_slot[rows_sure], rows_pos[rows_sure]] = self.steps_done[rows_slot[rows_sure]].int()
 
         # Address the new store: requests not in this step keep their rows.
         for grid in (self.prev_index, self.prev_hidden) if self._hidden_rows else (self.prev_index,):
@@ -400,23 +523,34 @@ class DiffusionBatch:
         kept = (~sure).nonzero().squeeze(-1)
         self.prev_index[slot[kept], pos[kept]] = dest[kept]
         if num_unmasked:
+            # the unmasked tokens that did not lock: tested next step, against this posterior
             rows = torch.arange(num_unmasked, device=self.device) + next_row
-            self.prev_index[u_slot, u_pos] = rows
-            store.index_copy_(0, rows, torch.log_softmax(unmasked_logits, dim=-1))
+            self.prev_index[u_slot, u_pos] = torch.where(u_sure, -1, rows)
+            store.index_copy_(0, rows, u_logp)
         self._swap_store(store, num_carried + num_z + num_unmasked)
 
-        # The hidden states kept for recomputation: carried rows, then all of
-        # Z's when a request took its first step (only the rows without a
-        # previous posterior are addressed; d_model values a row).
+        # The hidden states kept for recomputation (d_model values a row):
+        # carried rows; all of Z's when a request took its first step or Z
+        # outgrew the store's budget (only the rows without a previous
+        # posterior, or past the budget, are addressed); and, for Algorithm 1,
+        # the block rows still masked (any of them may be unmasked, and tested,
+        # next step).
         kept_hidden = []
         if carried_hidden is not None:
             h_slot, h_pos, h_rows = carried_hidden
             kept_hidden.append(self._hidden[h_rows])
             self.prev_hidden[h_slot, h_pos] = torch.arange(h_rows.shape[0], device=self.device)
-        if to_hidden is not None:
-            base = sum(t.shape[0] for t in kept_hidden)
+        base = sum(t.shape[0] for t in kept_hidden)
+        if to_hidden is not None or spill:
+            recompute = to_hidden if not spill else spilled if to_hidden is None else to_hidden | spilled
             kept_hidden.append(z_hidden)
-            self.prev_hidden[slot, pos] = torch.where(to_hidden, torch.arange(num_z, device=self.device) + base, -1)
+            self.prev_hidden[slot, pos] = torch.where(recompute, torch.arange(num_z, device=self.device) + base, -1)
+            base += num_z
+        if any_after_unmask:
+            kept_hidden.append(block.hidden)
+            waiting = self.masked[block.slot, block.pos] & self.after_unmask[block.slot]
+            rows = torch.arange(block.hidden.shape[0], device=self.device) + base
+            self.prev_hidden[block.slot, block.pos] = torch.where(waiting, rows, -1)
         self._hidden = torch.cat(kept_hidden) if kept_hidden else None
         self._hidden_rows = 0 if self._hidden is None else self._hidden.shape[0]
         return recomputed

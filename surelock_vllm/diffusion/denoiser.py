@@ -16,7 +16,7 @@ import torch
 from surelock_vllm.diffusion.lock_rule import LockState
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.diffusion.random import request_seed
-from surelock_vllm.diffusion.sampling import top_k_per_group, transfer_schedule, x0_and_score
+from surelock_vllm.diffusion.sampling import threshold_num_transfer, top_k_per_group, transfer_schedule, x0_and_score
 
 
 @dataclass
@@ -138,28 +138,37 @@ class CanvasDenoiser:
         k = self._schedule[self.step_in_block]
         if positions.numel() > 0:
             x0, chosen = llada_transfer(
-                logits.float(), positions, self.options, self.seed, self.num_steps_done, k
+                logits.float(), positions, self.options, self.seed, self.num_steps_done, k,
+                steps_left=self.options.steps_per_block - self.step_in_block,
             )
             unmasked = positions[chosen]
             self.canvas[unmasked] = x0[chosen]
             # (a sampled mask token stays masked, as in the reference loop)
             self.masked[unmasked] = x0[chosen] == self.mask_id
         if self.lock is not None:
-            self.lock.observe(plan.logit_positions, all_logits, plan.lock_candidates, self.num_steps_done)
+            z = plan.lock_candidates
+            if self.lock.options.after_unmask:
+                z = self.lock.candidates(self.masked)  # Algorithm 1: this step's unmasked tokens too
+            self.lock.observe(plan.logit_positions, all_logits, z, self.num_steps_done)
         self.num_steps_done += 1
         self.step_in_block += 1
-        if self.step_in_block < self.options.steps_per_block:
-            return None
         start, end = self.block_bounds()
+        # a block ends after its steps; with a confidence threshold, also once nothing in it is masked
+        done_early = self.options.confidence_threshold is not None and not bool(self.masked[start:end].any())
+        if self.step_in_block < self.options.steps_per_block and not done_early:
+            return None
         self.block += 1
         self.step_in_block = 0
         return self.canvas[start:end].tolist()
 
 
 def llada_transfer(
-    logits: torch.Tensor, positions: torch.Tensor, options: DiffusionOptions, seed: int, step: int, k: int
+    logits: torch.Tensor, positions: torch.Tensor, options: DiffusionOptions, seed: int, step: int, k: int,
+    steps_left: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One request's x0 for the masked `positions` (float32 `logits`), and which k transfer."""
+    """One request's x0 for the masked `positions` (float32 `logits`), and which transfer:
+    the k most confident (fixed schedule), or as many as the confidence threshold
+    takes with `steps_left` steps left in the block."""
     n = positions.shape[0]
 
     def per_row(value, dtype):
@@ -171,5 +180,10 @@ def llada_transfer(
         logits, per_row(options.temperature, torch.float64), per_row(random, torch.bool),
         seeds, steps, positions, options.temperature > 0, random,
     )
-    chosen = top_k_per_group(score, per_row(0, torch.long), torch.tensor([k]))
+    group = per_row(0, torch.long)
+    if options.confidence_threshold is not None:
+        k = int(threshold_num_transfer(
+            score, group, torch.tensor([options.confidence_threshold], dtype=torch.float64), torch.tensor([steps_left])
+        ))
+    chosen = top_k_per_group(score, group, torch.tensor([k]))
     return x0, chosen

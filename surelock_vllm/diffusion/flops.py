@@ -61,6 +61,9 @@ class ComputeLedger:
     """
 
     steps: int = 0
+    # steps the fixed schedule takes for the whole generation (options.steps);
+    # a confidence threshold, or a stop at end of turn, takes fewer
+    steps_fixed: int = 0
     rows: int = 0
     rows_nolock: int = 0
     dense_flops: int = 0
@@ -89,13 +92,14 @@ class ComputeLedger:
     def merge(self, other: "ComputeLedger") -> None:
         """Add another ledger's counts (aggregates keep no per-step fractions)."""
         for name in (
-            "steps", "rows", "rows_nolock", "dense_flops", "dense_flops_nolock",
+            "steps", "steps_fixed", "rows", "rows_nolock", "dense_flops", "dense_flops_nolock",
             "attention_flops", "attention_flops_nolock", "lm_head_flops",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def summary(self) -> str:
         return (
+            f"steps {self.steps} / fixed schedule {self.steps_fixed}, "
             f"rows computed {self.rows} / no-lock {self.rows_nolock} "
             f"({self.rows / max(self.rows_nolock, 1):.1%}), algorithmic FLOPs "
             f"{self.flops_ratio:.3f}x no-lock (dense {self.dense_flops / max(self.dense_flops_nolock, 1):.3f}x, "

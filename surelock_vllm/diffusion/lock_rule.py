@@ -2,14 +2,19 @@
 the per-request lock state. Options: options.SureLockOptions; FLOPs: flops.py.
 
 Per request, per step t, with A the unlocked positions:
-  Z = A ∩ unmasked  (prompt positions count as unmasked when `lock_prompt`)
+  Z = A ∩ unmasked  (prompt positions count as unmasked when `lock_prompt`),
+        unmasked before this step's unmasking (`candidates="before_unmask"`,
+        the default) or after it (`"after_unmask"`, the paper's Algorithm 1:
+        a token unmasked at step t is tested, and may lock, at t, with the
+        posterior and K/V its [MASK] input produced)
   D_i = KL(p_t^i || p_{t-1}^i) over the vocabulary, on the raw posterior
         (no temperature); infinite when position i has no posterior from the
         previous step (its first step)
   optional confidence gate: u_i = 1 - max p_t^i must be among the smallest
         `confidence_gate` fraction of u over Z (the paper uses 20%)
-  lock F = {i in Z : D_i < eps (and the gate)}: strict, as in the paper, so
-        eps = 0 never locks (identical posteriors give D_i = 0).
+  lock F = {i in Z : D_i < eps (and the gate)}: strict by default, so eps = 0
+        never locks (identical posteriors give D_i = 0); `kl_test="<="` is
+        Algorithm 1's D_i <= eps.
 A locked position stays locked: from the next step on it is not computed at
 all, and its K/V stay as computed at its lock step. Masked positions never lock.
 
@@ -91,8 +96,8 @@ class LockState:
         """Record posteriors of `positions` and lock the converged ones of Z.
 
         `positions` are the rows whose logits this step computed; `z` the
-        candidate mask taken before the sampler unmasked anything this step.
-        Returns the positions locked now.
+        candidate mask (`candidates`, before or after this step's unmasking;
+        either way a subset of `positions`). Returns the positions locked now.
         """
         logp = torch.log_softmax(logits.float(), dim=-1)
         if self._prev_logp is None:
@@ -104,7 +109,8 @@ class LockState:
             # than gathering Z first); rows with no previous posterior (their
             # first observation) never lock.
             kl = stepwise_kl(logp, self._prev_logp[positions])
-            sure = in_z & self._has_prev[positions] & (kl < self.options.eps)
+            passes = kl <= self.options.eps if self.options.inclusive else kl < self.options.eps
+            sure = in_z & self._has_prev[positions] & passes
             if self.options.confidence_gate is not None:
                 sure &= self._confidence_gate(logp, in_z)
             newly = positions[sure]

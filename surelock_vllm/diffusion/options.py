@@ -26,6 +26,11 @@ OPTION_HELP = {
     "steps": "denoising steps over the whole generation (default: gen_length)",
     "block_length": "positions per semi-autoregressive block (default: 32, or gen_length when 32 does not divide it)",
     "remasking": "which masked positions to unmask each step: low_confidence or random",
+    "confidence_threshold": (
+        "adaptive unmasking (Fast-dLLM's parallel decoding): each step unmasks every masked position "
+        "of the block whose confidence is at least this, at least one, and enough to finish the block "
+        "within its steps (steps becomes an upper bound); 0 or null: the fixed schedule (default)"
+    ),
 }
 
 
@@ -48,6 +53,7 @@ class DiffusionDefaults:
 
     block_length: int = 32
     remasking: str = "low_confidence"
+    confidence_threshold: float | None = None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> "DiffusionDefaults":
@@ -58,7 +64,10 @@ class DiffusionDefaults:
         # Validate the defaults with the same rules a request gets.
         _check_positive_int("block_length", defaults.block_length)
         _check_remasking(defaults.remasking)
-        return defaults
+        threshold = _check_threshold("confidence_threshold", defaults.confidence_threshold)
+        if threshold is not None and defaults.remasking == "random":
+            raise InvalidDiffusionOption("confidence_threshold", _RANDOM_HAS_NO_CONFIDENCE)
+        return cls(defaults.block_length, defaults.remasking, threshold)
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,8 @@ class DiffusionOptions:
     block_length: int
     remasking: str = "low_confidence"
     temperature: float = 0.0
+    # adaptive unmasking: None, the fixed schedule; else steps_per_block is an upper bound
+    confidence_threshold: float | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -91,6 +102,7 @@ class DiffusionOptions:
 
     @property
     def steps_per_block(self) -> int:
+        """Steps per block: exactly (the fixed schedule), or at most (a confidence threshold)."""
         return self.steps // self.num_blocks
 
     def as_dict(self) -> dict[str, Any]:
@@ -106,11 +118,13 @@ class DiffusionOptions:
         defaults: DiffusionDefaults = DiffusionDefaults(),
         limits: DiffusionLimits = DiffusionLimits(),
         ignore_keys: frozenset[str] = frozenset(),
+        one_block: bool = False,
     ) -> "DiffusionOptions":
         """Options of one request, validated; raises InvalidDiffusionOption.
 
         `ignore_keys` are extra_args keys that belong to other features (e.g.
-        SureLock's) and are validated there.
+        SureLock's) and are validated there. `one_block`: block_length
+        defaults to gen_length (the SureLock paper's setting, its preset).
         """
         args = dict(extra_args or {})
         unknown = set(args) - set(OPTION_HELP) - set(ignore_keys)
@@ -137,6 +151,8 @@ class DiffusionOptions:
         if "block_length" in args:
             block_length = args["block_length"]
             _check_positive_int("block_length", block_length)
+        elif one_block:
+            block_length = gen_length
         elif gen_length % defaults.block_length == 0:
             block_length = defaults.block_length
         else:
@@ -177,6 +193,12 @@ class DiffusionOptions:
             )
         remasking = args.get("remasking", defaults.remasking)
         _check_remasking(remasking)
+        if "confidence_threshold" in args:
+            threshold = _check_threshold("confidence_threshold", args["confidence_threshold"])
+        else:
+            threshold = defaults.confidence_threshold if remasking == "low_confidence" else None
+        if threshold is not None and remasking == "random":
+            raise InvalidDiffusionOption("confidence_threshold", _RANDOM_HAS_NO_CONFIDENCE)
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
             raise InvalidDiffusionOption("temperature", f"must be a finite number >= 0, got {temperature!r}")
         return cls(
@@ -185,12 +207,29 @@ class DiffusionOptions:
             block_length=block_length,
             remasking=remasking,
             temperature=float(temperature),
+            confidence_threshold=threshold,
         )
 
 
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise InvalidDiffusionOption(name, f"must be a positive integer, got {value!r}")
+
+
+_RANDOM_HAS_NO_CONFIDENCE = (
+    "a confidence threshold unmasks by confidence; remasking=random ranks positions by a random "
+    "score instead, so the two cannot be combined (use remasking=low_confidence, or "
+    "confidence_threshold=0 for the fixed schedule)"
+)
+
+
+def _check_threshold(name: str, value: Any) -> float | None:
+    """A confidence threshold in (0, 1]; 0 or None: off."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise InvalidDiffusionOption(name, f"must be a number in [0, 1] (0 or null: off), got {value!r}")
+    return float(value) if value > 0 else None
 
 
 def _check_remasking(value: Any) -> None:
@@ -208,6 +247,27 @@ SURELOCK_KEYS = {
     "surelock_eps": "eps",
     "surelock_confidence_gate": "confidence_gate",
     "surelock_lock_prompt": "lock_prompt",
+    "surelock_candidates": "candidates",
+    "surelock_kl_test": "kl_test",
+    "surelock_preset": "preset",
+}
+
+#: when the lock candidates Z are formed, relative to the step's unmasking
+CANDIDATE_CHOICES = (
+    # Z before the step unmasks: a token unmasked at step t is first tested at
+    # t+1, and locks with the K/V its own token produced
+    "before_unmask",
+    # the paper's Algorithm 1 (lines 16, 20): Z after this step's unmasking, so
+    # a token unmasked at step t can lock at t, frozen with the K/V its [MASK]
+    # input produced at t
+    "after_unmask",
+)
+#: the sure test on the step-wise KL: D < eps, or D <= eps (Algorithm 1, line 23)
+KL_TEST_CHOICES = ("<", "<=")
+#: what a preset sets (explicit keys still win); the paper's experiments also use
+#: block_length = steps = gen_length, which the request's diffusion defaults take
+PRESETS = {
+    "paper": {"enabled": True, "candidates": "after_unmask", "kl_test": "<=", "confidence_gate": 0.2},
 }
 
 
@@ -217,6 +277,17 @@ class SureLockOptions:
     eps: float = 5e-3
     confidence_gate: float | None = None  # fraction m of Z; None = no gate
     lock_prompt: bool = True
+    candidates: str = "before_unmask"
+    kl_test: str = "<"
+    preset: str | None = None  # "paper"; recorded so the diffusion defaults can follow it
+
+    @property
+    def after_unmask(self) -> bool:
+        return self.candidates == "after_unmask"
+
+    @property
+    def inclusive(self) -> bool:
+        return self.kl_test == "<="
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,7 +296,7 @@ class SureLockOptions:
     def from_defaults(cls, values: Mapping[str, Any] | None) -> "SureLockOptions":
         """Server defaults: `--additional-config '{"surelock": {"enabled": true, "eps": ...}}'`."""
         values = dict(values or {})
-        known = {k: values[k] for k in ("enabled", "eps", "confidence_gate", "lock_prompt") if k in values}
+        known = {k: values[k] for k in (f.name for f in fields(cls)) if k in values}
         return cls()._validated(known, names={k: k for k in known})
 
     def resolve(self, extra_args: Mapping[str, Any] | None) -> "SureLockOptions":
@@ -236,7 +307,19 @@ class SureLockOptions:
         return self._validated(given, names)
 
     def _validated(self, given: dict[str, Any], names: dict[str, str]) -> "SureLockOptions":
-        values = {**self.as_dict(), **given}
+        preset = given["preset"] if "preset" in given else self.preset
+        if preset is not None and preset not in tuple(PRESETS):
+            raise InvalidDiffusionOption(
+                names.get("preset", "preset"), f"{preset!r} is not one of {sorted(PRESETS)} (or null)"
+            )
+        # a preset's values under the explicit ones (a server preset under a request's keys)
+        preset_values = PRESETS[preset] if "preset" in given and preset is not None else {}
+        values = {**self.as_dict(), **preset_values, **given}
+        for field, choices in (("candidates", CANDIDATE_CHOICES), ("kl_test", KL_TEST_CHOICES)):
+            if values[field] not in choices:
+                raise InvalidDiffusionOption(
+                    names.get(field, field), f"{values[field]!r} is not one of {list(choices)}"
+                )
         for field in ("enabled", "lock_prompt"):
             values[field] = _as_bool(values[field], names.get(field, field))
         eps = values["eps"]

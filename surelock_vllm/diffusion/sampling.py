@@ -9,7 +9,10 @@ rows independently, so a row gets the same result alone or in any batch:
 * confidence: the softmax probability of x0 (`low_confidence`) or a uniform
   score (`random`);
 * transfer: the k most confident masked rows of each request, ties to the
-  lower position (LLaDA's `torch.topk` leaves ties unspecified).
+  lower position (LLaDA's `torch.topk` leaves ties unspecified); k from the
+  fixed schedule, or, with a confidence threshold (Fast-dLLM's parallel
+  decoding), every row at least that confident, at least one, and at least
+  enough to finish the block within the steps it has left.
 """
 
 from __future__ import annotations
@@ -38,6 +41,28 @@ def num_transfer(block_length: torch.Tensor, steps_per_block: torch.Tensor, step
     """`transfer_schedule(block_length, steps_per_block)[step_in_block]`, per request."""
     base = torch.div(block_length, steps_per_block, rounding_mode="floor")
     return base + (step_in_block < block_length - base * steps_per_block).to(base.dtype)
+
+
+def threshold_num_transfer(
+    score: torch.Tensor,
+    group: torch.Tensor,
+    threshold: torch.Tensor,
+    steps_left: torch.Tensor,
+) -> torch.Tensor:
+    """k per group under a confidence threshold: max(#rows with score >= threshold,
+    ceil(masked rows / steps left in the block)).
+
+    `score` [rows] of the block's masked rows, `group` [rows] their request;
+    `threshold`, `steps_left` [groups]. The second term is 1 as long as the
+    block can still finish one row per step (always, with steps = gen_length:
+    Fast-dLLM's "at least one"); with fewer steps it makes steps an upper bound.
+    """
+    num_groups = threshold.shape[0]
+    masked = torch.zeros(num_groups, dtype=torch.long, device=score.device)
+    masked.index_add_(0, group, torch.ones_like(group))
+    sure = torch.zeros_like(masked).index_add_(0, group, (score >= threshold[group]).long())
+    at_least = torch.div(masked + steps_left - 1, steps_left, rounding_mode="floor")
+    return torch.maximum(sure, at_least)
 
 
 def x0_and_score(

@@ -137,6 +137,7 @@ class StepTrace:
                     "step": int(batch.steps_done[slot]) - 1,
                     "query_positions": plan.query_pos[plan.query_b == b].tolist(),
                     "locked": locked.tolist(),
+                    "masked": batch.masked[slot, :canvas_len].nonzero().squeeze(-1).tolist(),  # after the step
                     "locked_kv": kv,
                 }
             )

@@ -40,6 +40,7 @@ def resolve_request(
     for key in extra:
         if isinstance(key, str) and key.startswith("_"):
             raise InvalidDiffusionOption(key, "internal key, set by the engine; requests may not set it")
+    surelock = settings.surelock.resolve(extra)
     options = DiffusionOptions.resolve(
         extra,
         max_tokens=sampling_params.max_tokens,
@@ -47,8 +48,9 @@ def resolve_request(
         defaults=settings.diffusion,
         limits=settings.limits,
         ignore_keys=frozenset(SURELOCK_KEYS),
+        # the paper preset: one block over the whole generation, unless the request sets block_length
+        one_block=surelock.preset == "paper",
     )
-    surelock = settings.surelock.resolve(extra)
     canvas_len = prompt_len + options.gen_length
     gen_key = length_option(extra)
     if canvas_len > max_model_len:

@@ -57,6 +57,7 @@ class DiffusionRequestRecord:
     next_num_rows: int  # rows it computes at its next step (its budget charge)
     arrival_step: int  # engine steps run before it arrived
     last_scheduled_step: int  # engine step it was last scheduled in (fairness order)
+    steps_fixed: int  # steps of its fixed schedule (the ledger's baseline)
     # rows and FLOPs computed vs. the no-lock sampler
     ledger: ComputeLedger = field(default_factory=ComputeLedger)
     # after a preemption: tokens already sent, which the recomputation replays
@@ -77,6 +78,7 @@ class DiffusionScheduler(Scheduler):
         self.totals = ComputeLedger()
         self.finished_count = 0
         self._last_log = time.monotonic()
+        self._logged_count = 0
         # requests refused at arrival: req_id -> error message
         self.rejected: dict[str, str] = {}
         # their outputs, sent with the next step's results
@@ -110,6 +112,8 @@ class DiffusionScheduler(Scheduler):
                 next_num_rows=canvas_rows,
                 arrival_step=self.engine_step,
                 last_scheduled_step=self.engine_step,
+                steps_fixed=resolved["options"]["steps"],
+                ledger=ComputeLedger(steps_fixed=resolved["options"]["steps"]),
             )
         super().add_request(request)
 
@@ -227,7 +231,7 @@ class DiffusionScheduler(Scheduler):
         # is replayed by the recomputation and not sent twice.
         record.replay = list(victim.output_token_ids)
         record.next_num_rows = record.canvas_rows
-        record.ledger = ComputeLedger()  # accounting of the run that answers
+        record.ledger = ComputeLedger(steps_fixed=record.steps_fixed)  # accounting of the run that answers
         logger.info("request %s preempted by a higher-priority request; it will restart", req_id)
         self._preempt_request(victim, time.monotonic())  # frees blocks, back to waiting
 
@@ -377,9 +381,10 @@ class DiffusionScheduler(Scheduler):
 
     def _maybe_log_totals(self, every_s: float = 10.0) -> None:
         now = time.monotonic()
-        if now - self._last_log < every_s or self.totals.steps == 0:
+        # at most every `every_s`, and only when more requests have finished
+        if now - self._last_log < every_s or self.finished_count == self._logged_count:
             return
-        self._last_log = now
+        self._last_log, self._logged_count = now, self.finished_count
         logger.info("SureLock, %d finished requests: %s", self.finished_count, self.totals.summary())
 
     def _forget(self, req_id: str) -> None:

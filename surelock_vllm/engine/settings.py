@@ -24,7 +24,7 @@ def _keys(cls) -> tuple[str, ...]:
 SERVER_SETTING_KEYS = (
     *_keys(DiffusionDefaults),  # block_length, remasking
     *_keys(DiffusionLimits),  # max_gen_length, max_steps
-    *_keys(SureLockOptions),  # enabled, eps, confidence_gate, lock_prompt
+    *_keys(SureLockOptions),  # enabled, eps, confidence_gate, lock_prompt, candidates, kl_test, preset
     *DEBUG_KEYS,
 )
 

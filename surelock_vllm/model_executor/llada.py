@@ -103,7 +103,7 @@ class LLaDAAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.attn_out",
         )
-        # LLaDA computes RoPE in fp32 (rope_full_precision).
+        # fp32 cos/sin cache, applied to fp32 q and k (forward)
         self.rotary_emb = get_rope(
             self.head_dim,
             max_position=config.max_sequence_length,
@@ -126,7 +126,11 @@ class LLaDAAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
+        # LLaDA rotates in fp32 (rope_full_precision: true). vLLM's rotary
+        # embedding casts its cos/sin cache to the activations' dtype, so under
+        # bf16 it is handed fp32 copies and the result is cast back.
+        q, k = self.rotary_emb(positions, q.float(), k.float())
+        q, k = q.to(v.dtype), k.to(v.dtype)
         attn_output = self.attn(q, k, v)
         output, _ = self.attn_out(attn_output)
         return output

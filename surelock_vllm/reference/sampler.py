@@ -10,6 +10,12 @@ vLLM executor so that runs compare token for token:
   changes no distribution;
 * among equally confident positions the earlier one is unmasked first
   (LLaDA's `torch.topk` leaves the order of ties unspecified).
+
+With `confidence_threshold` set, a step unmasks as Fast-dLLM's parallel
+decoding does (`get_transfer_index` with `threshold`): every masked position
+of the block at least that confident, and at least one; a block ends when
+nothing in it is masked. Our `steps` stays an upper bound: a step also
+unmasks at least ceil(masked / steps left in the block) positions.
 """
 
 from __future__ import annotations
@@ -49,6 +55,25 @@ def top_k(confidence: torch.Tensor, k: int) -> torch.Tensor:
 def get_num_transfer_tokens(num_masked: int, steps: int) -> list[int]:
     base, remainder = divmod(num_masked, steps)
     return [base + 1 if i < remainder else base for i in range(steps)]
+
+
+def num_to_transfer(
+    confidence: torch.Tensor, options: DiffusionOptions, schedule: list[int], step: int, num_masked: int
+) -> int:
+    """Positions to unmask at `step` of a block with `num_masked` masked positions left.
+
+    `confidence` is -inf outside the block's masked positions.
+    """
+    threshold = options.confidence_threshold
+    if threshold is None:
+        return schedule[step]
+    steps_left = options.steps_per_block - step
+    return max(int((confidence >= threshold).sum()), -(-num_masked // steps_left))
+
+
+def block_finished(x: torch.Tensor, start: int, end: int, options: DiffusionOptions, mask_id: int) -> bool:
+    """With a confidence threshold a block ends as soon as nothing in it is masked."""
+    return options.confidence_threshold is not None and not bool((x[start:end] == mask_id).any())
 
 
 @torch.no_grad()
@@ -99,9 +124,11 @@ def reference_generate(
             # LLaDA: positions past the block and unmasked ones never transfer.
             x0_p[end:] = -torch.inf
             confidence = torch.where(mask_index, x0_p, -torch.inf)
-            k = schedule[step]
+            k = num_to_transfer(confidence, options, schedule, step, int(mask_index[start:end].sum()))
             if k > 0:
                 select = top_k(confidence, k)
                 x[select] = x0[select]
             step_index += 1
+            if block_finished(x, start, end, options, mask_id):
+                break
     return x[p:].tolist()

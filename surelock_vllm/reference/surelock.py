@@ -15,7 +15,14 @@ import torch.nn.functional as F
 
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.diffusion.lock_rule import LockState
-from surelock_vllm.reference.sampler import add_gumbel_noise, get_num_transfer_tokens, random_scores, top_k
+from surelock_vllm.reference.sampler import (
+    add_gumbel_noise,
+    block_finished,
+    get_num_transfer_tokens,
+    num_to_transfer,
+    random_scores,
+    top_k,
+)
 
 
 @dataclass
@@ -73,11 +80,16 @@ def reference_generate_surelock(
                 else:
                     x0_p[block_masked] = random_scores(seed, step_index, positions)
             confidence = torch.where(mask_index, x0_p, -torch.inf)
-            if schedule[step] > 0:
-                select = top_k(confidence, schedule[step])
+            k = num_to_transfer(confidence, options, schedule, step, int(block_masked.sum()))
+            if k > 0:
+                select = top_k(confidence, k)
                 x[select] = x0[select]
+            if lock_options.after_unmask:
+                z = lock.candidates(x == mask_id)  # Algorithm 1: Z after this step's UpdateMASK
             lock.observe(observed, logits[observed], z, step_index)
             step_index += 1
+            if block_finished(x, start, end, options, mask_id):
+                break
     return SureLockRun(
         tokens=x[p:].tolist(),
         lock_step=lock.lock_step.tolist(),

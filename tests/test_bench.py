@@ -1,0 +1,32 @@
+"""`surelock-bench` end to end through the vLLM plugin, on the tiny checkpoint and one small cell."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import CHECKPOINT
+from surelock_vllm import bench
+
+
+@pytest.mark.engine
+def test_benchmark_cell_with_thresholds_passes_its_correctness_gate(tmp_path, monkeypatch):
+    # the CLI binds the worker to every core for its own process; undo that after the test
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    out = tmp_path / "bench"
+    # exit 0: eps=0 == no-lock, every run == its plain-torch reference (threshold runs included)
+    assert bench.main(["--model", str(CHECKPOINT), "--gen-lengths", "32", "--batch-sizes", "2", "--eps", "5e-3",
+                       "--thresholds", "0.6", "--threshold-eps", "5e-3", "--block-length", "16",
+                       "--repeats", "1", "--out-dir", str(out), "--no-plots"]) == 0
+    cell = json.loads((out / "bench.json").read_text())["cells"][0]
+    runs = cell["runs"]
+    assert list(runs) == ["no-lock", "eps=0", "eps=0.005", "thr=0.6 no-lock", "thr=0.6 eps=0.005"]
+    assert runs["no-lock"]["steps"] == runs["no-lock"]["steps_fixed"] == 2 * 32
+    for label in ("thr=0.6 no-lock", "thr=0.6 eps=0.005"):
+        assert runs[label]["steps"] < runs[label]["steps_fixed"]  # fewer steps than the fixed schedule
+        assert runs[label]["flops_speedup"] > 1  # LM head included, against fixed-step no-lock
+    # SureLock on top of the threshold computes fewer rows than the threshold alone
+    assert runs["thr=0.6 eps=0.005"]["rows"] < runs["thr=0.6 no-lock"]["rows"]
+    table = (out / "bench.md").read_text()
+    assert "| thr=0.6 eps=0.005 |" in table and "| steps |" in table
