@@ -34,7 +34,9 @@ test: setup
 # with LLaDA-8B's real vocabulary of 126,464 tokens and its special ids
 # (docs/bench/small-126k/), where the LM head and the lock test over the
 # vocabulary weigh as they do for LLaDA-8B (the eps=0 control at batch 8 only:
-# it computes the LM head over the whole canvas every step)
+# it computes the LM head over the whole canvas every step); and the trained
+# model with confidence-threshold decoding next to fixed steps
+# (docs/bench/trained/: a threshold means nothing on random weights)
 bench: setup
 	$(VENV)/bin/surelock-bench --out-dir docs/bench
 	$(PY) -m surelock_vllm.tools.make_checkpoint out/llada-small-random --preset small
@@ -43,8 +45,12 @@ bench: setup
 	$(PY) -m surelock_vllm.tools.make_checkpoint out/llada-small-126k --preset small-126k
 	$(VENV)/bin/surelock-bench --model out/llada-small-126k --gen-lengths 256 --batch-sizes 8 32 \
 		--eps 5e-3 --control-max-batch 8 --repeats 1 --out-dir docs/bench/small-126k --no-plots
+	$(VENV)/bin/surelock-bench --model checkpoints/llada-small --gen-lengths 256 --batch-sizes 8 \
+		--eps 5e-3 --thresholds 0.9 --repeats 1 --out-dir docs/bench/trained --no-plots
 
-# quality vs compute on the trained model (make train): table and plots in docs/eval/
+# quality vs compute on the trained model (make train): SureLock's eps sweep, both lock
+# rules and the paper preset, and the fewer-steps grid (confidence thresholds x SureLock);
+# tables and plots in docs/eval/
 eval: setup
 	$(VENV)/bin/surelock-eval --out-dir docs/eval
 

@@ -63,7 +63,8 @@ def test_stepwise_locked_fraction_averages_the_requests_still_running():
 
     def stats(fractions):
         return {"rows": 1, "rows_nolock": 2, "dense_flops": 1, "dense_flops_nolock": 2, "attention_flops": 1,
-                "attention_flops_nolock": 2, "lm_head_flops": 0, "steps": len(fractions), "locked_fraction": fractions}
+                "attention_flops_nolock": 2, "lm_head_flops": 0, "steps": len(fractions), "steps_fixed": len(fractions),
+                "locked_fraction": fractions}
 
     # a request that stopped after 2 steps (its answer ended in the first block) does not cut the curve short
     total = aggregate([stats([0.0, 0.5]), stats([0.0, 0.3, 0.6, 0.8])])
