@@ -8,8 +8,9 @@ from typing import Any
 def surelock_stats(request_output) -> dict[str, Any] | None:
     """Rows and FLOPs a finished request computed, vs. the same sampler without locking.
 
-    Keys: steps, rows, rows_nolock, dense_flops(_nolock), attention_flops(_nolock),
-    lm_head_flops, locked_fraction (per step), flops_ratio. The engine delivers
+    Keys: steps (taken), steps_fixed (the fixed schedule's), rows, rows_nolock,
+    dense_flops(_nolock), attention_flops(_nolock), lm_head_flops, locked_fraction
+    (per step), flops_ratio. The engine delivers
     them in `RequestOutput.kv_transfer_params["surelock"]` (and in the
     `kv_transfer_params` field of OpenAI responses).
     """
