@@ -63,8 +63,11 @@ def test_batch_matches_reference_low_confidence_greedy(llm, ref_model, tokenizer
         assert out.outputs[0].finish_reason == "length"
 
 
-def test_answer_stops_at_first_eos_or_eot(llm, ref_model, tokenizer, mask_id):
+@pytest.mark.parametrize("threshold", [None, 0.65])
+def test_answer_stops_at_first_eos_or_eot(llm, ref_model, tokenizer, mask_id, threshold):
     extra = {"gen_length": 64, "steps": 32, "block_length": 16}
+    if threshold is not None:
+        extra["confidence_threshold"] = threshold  # blocks end at data-dependent steps
     stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")}
     prompts = [chat_prompt_ids(tokenizer, p) for p in PROMPTS]
     outs = llm.generate(
@@ -83,7 +86,10 @@ def test_answer_stops_at_first_eos_or_eot(llm, ref_model, tokenizer, mask_id):
             stopped += 1
             assert got == full[: cut + 1]
             assert out.outputs[0].finish_reason == "stop"
-            assert out.outputs[0].text == tokenizer.decode(full[:cut], skip_special_tokens=True)
+            # (the random model emits byte tokens; where they are not valid UTF-8, vLLM's
+            # incremental detokenizer and a one-shot decode put different numbers of U+FFFD)
+            text = tokenizer.decode(full[:cut], skip_special_tokens=True)
+            assert out.outputs[0].text.replace("\ufffd", "") == text.replace("\ufffd", "")
     assert stopped > 0, "no prompt produced EOS: the check above was vacuous"
 
 
