@@ -14,6 +14,14 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write as PNG (120 dpi) and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def eps_labels(cell: dict) -> list[str]:
     return [k for k, r in cell["runs"].items() if r["eps"] not in (None, 0.0) and r.get("threshold") is None]
 
@@ -39,11 +47,7 @@ def plot_stepwise_flops(report: dict, out: Path) -> Path:
     axes[0][0].set_ylim(0, 1.05)
     axes[0][-1].legend()
     fig.suptitle("Step-wise algorithmic FLOPs ratio (dense and attention scale alike)")
-    fig.tight_layout()
-    path = out / "stepwise_flops_ratio.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "stepwise_flops_ratio.png")
 
 
 def plot_throughput_ratio(report: dict, out: Path) -> Path:
@@ -74,11 +78,7 @@ def plot_throughput_ratio(report: dict, out: Path) -> Path:
     axes[0].set_ylabel("throughput, SureLock / no-lock")
     axes[1].legend()
     fig.suptitle("Wall-clock throughput ratio (medians, same run)")
-    fig.tight_layout()
-    path = out / "throughput_ratio.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "throughput_ratio.png")
 
 
 def plot_cost_growth(report: dict, out: Path) -> Path:
@@ -113,11 +113,7 @@ def plot_cost_growth(report: dict, out: Path) -> Path:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle("Cost growth with generation length")
-    fig.tight_layout()
-    path = out / "cost_growth.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "cost_growth.png")
 
 
 def plot_all(report: dict, out: Path) -> list[Path]:

@@ -312,7 +312,7 @@ def markdown_report(report: dict) -> str:
 
 
 def plot_eval(report: dict, out: Path) -> list[Path]:
-    from surelock_vllm.bench_plots import _plt
+    from surelock_vllm.bench_plots import _plt, save_figure
 
     plt = _plt()
     runs = [r for r in report["runs"] if r["eps"] is not None and r.get("threshold") is None]
@@ -322,16 +322,10 @@ def plot_eval(report: dict, out: Path) -> list[Path]:
         locked = r["locked_fraction_per_step"]
         ratio = [1.0] + [1.0 - f for f in locked[:-1]]
         ax.plot([i / report["steps"] for i in range(len(ratio))], ratio, label=r["label"])
-    ax.set_xlabel("denoising progress (step / steps)")
-    ax.set_ylabel("FLOPs vs no-lock, per step")
     ax.set_ylim(0, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Step-wise FLOPs ratio (trained model, held-out set)")
-    fig.tight_layout()
-    stepwise = out / "stepwise_flops_ratio.png"
-    fig.savefig(stepwise, dpi=120)
-    plt.close(fig)
+    _label(ax, "denoising progress (step / steps)", "FLOPs vs no-lock, per step",
+           "Step-wise FLOPs ratio (trained model, held-out set)")
+    stepwise = save_figure(fig, out / "stepwise_flops_ratio.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     nolock = report["runs"][0]
@@ -346,15 +340,8 @@ def plot_eval(report: dict, out: Path) -> list[Path]:
         for r, x in zip(series, xs):
             ax.annotate(f"{r['eps']:g}", (x, r["accuracy"] * 100), textcoords="offset points",
                         xytext=(4, -10), fontsize=8)
-    ax.set_xlabel("algorithmic FLOPs saved (%)")
-    ax.set_ylabel("exact match (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Accuracy vs compute saved (labels: eps)")
-    fig.tight_layout()
-    acc = out / "accuracy_vs_flops.png"
-    fig.savefig(acc, dpi=120)
-    plt.close(fig)
+    _label(ax, "algorithmic FLOPs saved (%)", "exact match (%)", "Accuracy vs compute saved (labels: eps)")
+    acc = save_figure(fig, out / "accuracy_vs_flops.png")
     paths = [stepwise, acc]
     if report.get("thresholds"):
         paths.append(plot_grid(report, out, plt))
@@ -363,6 +350,8 @@ def plot_eval(report: dict, out: Path) -> list[Path]:
 
 def plot_grid(report: dict, out: Path, plt) -> Path:
     """Accuracy vs wall-clock speedup over fixed-step no-lock, SureLock off and on."""
+    from surelock_vllm.bench_plots import save_figure
+
     grid = [r for r in report["runs"] if r.get("in_grid")]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     baseline = report["runs"][0]
@@ -375,16 +364,17 @@ def plot_grid(report: dict, out: Path, plt) -> Path:
             ax.annotate("fixed" if r["threshold"] is None else f"{r['threshold']:g}",
                         (r["speedup"], r["accuracy"] * 100), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axvline(3.0, color="tab:red", lw=0.8, ls=":")
-    ax.set_xlabel("wall-clock speedup vs fixed-step no-lock")
-    ax.set_ylabel("exact match (%)")
+    _label(ax, "wall-clock speedup vs fixed-step no-lock", "exact match (%)",
+           "Threshold decoding x SureLock (labels: threshold)")
+    return save_figure(fig, out / "accuracy_vs_speedup.png")
+
+
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Threshold decoding x SureLock (labels: threshold)")
-    fig.tight_layout()
-    path = out / "accuracy_vs_speedup.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    ax.set_title(title)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,16 @@ def diffusion_options(extra):
     return DiffusionOptions.resolve({k: v for k, v in extra.items() if k in keys}, max_tokens=None, temperature=0.0)
 
 
+def locked_steps(trace, canvas_len):
+    """The step each canvas position locked at (-1: never), from the engine's trace."""
+    lock_step = [-1] * canvas_len
+    for rec in trace:
+        for pos in rec["locked"]:
+            if lock_step[pos] < 0:
+                lock_step[pos] = rec["step"]
+    return lock_step
+
+
 LOCKED = {"gen_length": 64, "steps": 64, "block_length": 32, "surelock": True, "surelock_eps": 1e-3}
 
 
@@ -69,11 +79,7 @@ def test_surelock_matches_plain_torch_surelock(llm, ref_model, tokenizer, mask_i
         assert list(out.outputs[0].token_ids) == ref.tokens
         assert [len(t["query_positions"]) for t in trace] == ref.rows_per_step
         # same lock decisions: the step each position locked at
-        lock_step = [-1] * len(ref.lock_step)
-        for rec in trace:
-            for pos in rec["locked"]:
-                if lock_step[pos] < 0:
-                    lock_step[pos] = rec["step"]
+        lock_step = locked_steps(trace, len(ref.lock_step))
         assert lock_step == ref.lock_step
         assert sum(s >= 0 for s in lock_step) > len(prompt)  # locking really happened
 
@@ -108,11 +114,7 @@ def test_threshold_decoding_with_surelock_matches_plain_torch(llm, ref_model, to
         ref = reference_generate_surelock(ref_model, prompt, options, lock, mask_id, seed=i)
         assert list(out.outputs[0].token_ids) == ref.tokens
         assert [len(rec["query_positions"]) for rec in trace] == ref.rows_per_step
-        lock_step = [-1] * len(ref.lock_step)
-        for rec in trace:
-            for pos in rec["locked"]:
-                if lock_step[pos] < 0:
-                    lock_step[pos] = rec["step"]
+        lock_step = locked_steps(trace, len(ref.lock_step))
         assert lock_step == ref.lock_step
         assert sum(s >= 0 for s in lock_step) > 0
 
@@ -129,15 +131,6 @@ RULE_CASES = [
     ("Okay", {"gen_length": 32, "steps": 16, "block_length": 16, "surelock": True, "surelock_eps": 0.0,
               "surelock_kl_test": "<=", "surelock_confidence_gate": 0.2}),
 ]
-
-
-def locked_steps(trace, canvas_len):
-    lock_step = [-1] * canvas_len
-    for rec in trace:
-        for pos in rec["locked"]:
-            if lock_step[pos] < 0:
-                lock_step[pos] = rec["step"]
-    return lock_step
 
 
 def test_both_lock_rules_match_plain_torch_in_one_batch(llm, ref_model, tokenizer, mask_id):
