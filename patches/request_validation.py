@@ -104,6 +104,7 @@ def validate_engine_request(vllm_config, request, settings=None) -> None:
             len(request.prompt_token_ids or ()),
             max_model_len=vllm_config.model_config.max_model_len,
             max_rows_per_step=vllm_config.scheduler_config.max_num_batched_tokens,
+            kv_block_size=vllm_config.cache_config.block_size,
             settings=settings or ServerSettings.from_vllm_config(vllm_config),
         )
     except InvalidDiffusionOption as err:

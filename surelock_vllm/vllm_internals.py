@@ -62,6 +62,14 @@ INTERNALS: list[tuple[str, str, str]] = [
      "runs the config hook before the runner, torch.compile and CUDA graph settings are settled"),
     ("vllm.model_executor.layers.attention", "Attention",
      "LLaDA layers pass attn_backend=...; the trace reads Attention.kv_cache and .impl"),
+    ("vllm.tokenizers.registry", "cached_tokenizer_from_config",
+     "special_tokens: the scheduler and runner read <|eot_id|>'s id from the checkpoint's tokenizer"),
+    ("vllm.sampling_params", "SamplingParams.all_stop_token_ids",
+     "the scheduler adds <|eot_id|> to a request's stop tokens, as vLLM does for generation_config's extra EOS ids"),
+    ("vllm.config.model", "ModelConfig.try_get_generation_config",
+     "the config hook reads generation_config.json's temperature before defaulting it to 0"),
+    ("vllm.config.model", "ModelConfig.get_diff_sampling_param",
+     "reads override_generation_config: how the default temperature 0 reaches requests that give none"),
     # patched by patches/ (each module says why and what would retire it)
     ("vllm.engine.arg_utils", "EngineArgs.add_cli_args", "cli_flags: adds --plugin and the SureLock flags"),
     ("vllm.engine.arg_utils", "EngineArgs.from_cli_args", "cli_flags: folds them into additional_config"),
@@ -118,6 +126,8 @@ REQUIRED_FIELDS: dict[tuple[str, str], tuple[str, ...]] = {
         "new_block_ids", "num_computed_tokens", "num_output_tokens",
     ),
     ("vllm.v1.outputs", "ModelRunnerOutput"): ("req_ids", "req_id_to_index", "sampled_token_ids"),
+    # the config hook defaults the temperature to 0 through override_generation_config
+    ("vllm.config.model", "ModelConfig"): ("override_generation_config", "generation_config"),
 }
 
 

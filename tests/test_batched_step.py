@@ -21,6 +21,7 @@ from surelock_vllm.diffusion.random import uniform_matrix, uniform_rows
 from surelock_vllm.diffusion.sampling import top_k_per_group
 
 VOCAB, MASK = 64, 63
+EOS, EOT = 5, 9  # end of text and end of turn (LLaDA's EOS options)
 
 
 def fake_logits(request: int, step: int, positions: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
@@ -32,6 +33,7 @@ def fake_logits(request: int, step: int, positions: torch.Tensor, canvas: torch.
         g = torch.Generator().manual_seed(request * 1_000_003 + p * 7919)
         base = torch.randn(VOCAB, generator=g) * 3
         base[MASK] = -20.0
+        base[[EOS, EOT]] += 1.5  # predicted often enough for the EOS options to matter
         token = int(canvas[p])
         if token != MASK:
             # every third request is certain of its tokens: p = 1.0 exactly, so the
@@ -62,6 +64,8 @@ def make_requests(rng: random.Random, n: int):
             confidence_threshold=(
                 0.3 if i == 0 else rng.choice([None, 0.3, 0.6, 0.9]) if remasking == "low_confidence" else None
             ),
+            logits_eos_inf=rng.random() < 0.3,
+            confidence_eos_eot_inf=rng.random() < 0.3,
         )
         # both rules: candidates before this step's unmasking (and KL < eps), or after it
         # (the paper's Algorithm 1, usually with KL <= eps)
@@ -86,7 +90,8 @@ def test_batched_step_equals_one_request_oracle(seed):
     requests = make_requests(rng, 7)
     # odd seeds: a store budget of 2 rows a request, so most of Z keeps hidden states and is
     # recomputed (even seeds: a budget nothing outgrows, so the recomputed rows are known exactly)
-    batch = DiffusionBatch(max_requests=5, max_canvas_len=40, mask_id=MASK, stored_rows=2 if seed % 2 else 10_000)
+    batch = DiffusionBatch(max_requests=5, max_canvas_len=40, mask_id=MASK, stored_rows=2 if seed % 2 else 10_000,
+                           eos_id=EOS, eot_id=EOT)
     oracles: dict[int, CanvasDenoiser] = {}
     slot_of: dict[int, int] = {}
     waiting = list(range(len(requests)))
@@ -99,7 +104,7 @@ def test_batched_step_equals_one_request_oracle(seed):
         while waiting and len(slot_of) < 5 and (not slot_of or rng.random() < 0.5):
             i = waiting.pop(0)
             prompt, options, lock, req_seed = requests[i]
-            oracles[i] = CanvasDenoiser(prompt, options, MASK, req_seed, lock)
+            oracles[i] = CanvasDenoiser(prompt, options, MASK, req_seed, lock, eos_id=EOS, eot_id=EOT)
             slot_of[i] = batch.add(prompt, options, req_seed, lock)
         # some running requests sit this step out (the scheduler's row budget)
         scheduled = [i for i in slot_of if rng.random() < 0.8] or list(slot_of)[:1]
@@ -159,6 +164,8 @@ def test_batched_step_equals_one_request_oracle(seed):
         steps_taken += 1
         assert steps_taken < 500
     assert out_batch == out_oracle
+    # logits_eos_inf: end of text is never predicted, at any temperature
+    assert all(EOS not in out_batch[i] for i, (_, options, _, _) in enumerate(requests) if options.logits_eos_inf)
     assert len(batch) == 0
     # with no SureLock request left, the previous posteriors' memory is released
     assert batch.store_bytes() == 0 and batch._store.numel() == 0
@@ -205,3 +212,20 @@ def test_counter_random_numbers_depend_only_on_their_key():
     assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], uniform_matrix(seed[:1], step[:1], pos[:1], 1000, 2)[0])
     assert abs(float(u.mean()) - 0.5) < 0.02
     assert uniform_rows(seed, step, pos, 2).unique().numel() == 4
+
+
+def test_eos_options_ban_the_logit_and_hold_back_the_confidence():
+    from surelock_vllm.diffusion.sampling import HELD_BACK_SCORE, ban_token, hold_back_tokens
+
+    logits = torch.zeros(3, 8)
+    rows = torch.tensor([True, False, True])
+    banned = ban_token(logits, rows, 5)
+    assert banned[:, 5].tolist() == [-torch.inf, 0.0, -torch.inf] and bool((logits == 0).all())  # a copy
+    score = torch.tensor([0.9, 0.8, 0.7], dtype=torch.float64)
+    x0 = torch.tensor([5, 6, 1])
+    held = hold_back_tokens(score, x0, torch.tensor([True, True, True]), [5, 6])
+    assert held.tolist() == [HELD_BACK_SCORE, HELD_BACK_SCORE, 0.7]
+    assert hold_back_tokens(score, x0, rows, [5, 6]).tolist() == [HELD_BACK_SCORE, 0.8, 0.7]
+    # held-back positions go last among the block's masked rows, ties to the earlier one
+    chosen = top_k_per_group(held, torch.zeros(3, dtype=torch.long), torch.tensor([2]))
+    assert chosen.tolist() == [True, False, True]

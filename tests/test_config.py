@@ -67,3 +67,28 @@ def test_unsupported_variant_is_refused_by_name():
     config = LLaDAConfig(block_type="sequential")
     with pytest.raises(ValueError, match="block_type"):
         config.check_supported()
+
+
+@pytest.mark.parametrize(("override", "file_temperature", "expected"), [
+    ({}, None, 0.0),  # LLaDA's default, where vLLM's is 1.0
+    ({"temperature": 0.7}, None, 0.7),  # --override-generation-config wins
+    ({}, 0.6, 0.6),  # so does a temperature in the checkpoint's generation_config.json
+])
+def test_config_hook_defaults_the_temperature_to_zero(tmp_path, override, file_temperature, expected):
+    import shutil
+
+    import surelock_vllm
+    from surelock_vllm.engine.config_hook import default_temperature_zero
+
+    surelock_vllm.register()
+    from vllm.config import ModelConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(CHECKPOINT, model)
+    if file_temperature is not None:
+        path = model / "generation_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "temperature": file_temperature}))
+    mc = ModelConfig(model=str(model), dtype="float32", skip_tokenizer_init=True,
+                     override_generation_config=dict(override))
+    default_temperature_zero(mc)
+    assert mc.get_diff_sampling_param().get("temperature") == expected

@@ -9,6 +9,7 @@ from surelock_vllm.diffusion.options import (
     DiffusionOptions,
     InvalidDiffusionOption,
 )
+from surelock_vllm.engine.settings import ServerSettings
 
 
 def resolve(extra=None, max_tokens=64, temperature=0.0, **kw):
@@ -71,6 +72,14 @@ def test_server_defaults_apply():
         ({"confidence_threshold": "high"}, 32, 0.0, "confidence_threshold"),
         ({"confidence_threshold": True}, 32, 0.0, "confidence_threshold"),
         ({"confidence_threshold": 0.9, "remasking": "random"}, 32, 0.0, "confidence_threshold"),
+        # LLaDA generate()'s options
+        ({"cfg_scale": -1}, 32, 0.0, "cfg_scale"),
+        ({"cfg_scale": float("nan")}, 32, 0.0, "cfg_scale"),
+        ({"cfg_scale": 1e6}, 32, 0.0, "cfg_scale"),
+        ({"cfg_scale": True}, 32, 0.0, "cfg_scale"),
+        ({"cfg_scale": "1.5"}, 32, 0.0, "cfg_scale"),
+        ({"logits_eos_inf": "on"}, 32, 0.0, "logits_eos_inf"),
+        ({"confidence_eos_eot_inf": 2}, 32, 0.0, "confidence_eos_eot_inf"),
     ],
 )
 def test_invalid_options_name_the_option(extra, max_tokens, temperature, option):
@@ -166,3 +175,31 @@ def test_internal_keys_are_refused(key):
     with pytest.raises(InvalidDiffusionOption, match="internal key") as err:
         resolve_request(params, 8, max_model_len=1024, max_rows_per_step=2048)
     assert err.value.option == key
+
+
+def test_guidance_and_surelock():
+    """A request asking for both is refused naming cfg_scale; a server whose default is SureLock
+    serves a guided request without locking; guidance's two canvases must fit the context."""
+    from vllm import SamplingParams
+
+    from surelock_vllm.engine.request_options import resolve_request
+
+    def resolved(extra, settings=ServerSettings(), prompt_len=8, max_model_len=1024, kv_block_size=1):
+        params = SamplingParams(max_tokens=32, extra_args=extra)
+        return resolve_request(params, prompt_len, max_model_len=max_model_len, max_rows_per_step=2048,
+                               settings=settings, kv_block_size=kv_block_size)
+
+    for extra in ({"cfg_scale": 1.0, "surelock": True}, {"cfg_scale": 0.5, "surelock_preset": "paper"}):
+        with pytest.raises(InvalidDiffusionOption) as err:
+            resolved(extra)
+        assert err.value.option == "cfg_scale"
+    server_lock = ServerSettings.from_mapping({"enabled": True})
+    assert resolved({"cfg_scale": 1.0}, server_lock)["surelock"]["enabled"] is False
+    assert resolved({}, server_lock)["surelock"]["enabled"] is True
+    assert resolved({"cfg_scale": 1.5, "logits_eos_inf": "true"})["options"] == {
+        **resolved({})["options"], "cfg_scale": 1.5, "logits_eos_inf": True}
+    # a canvas of 40: guidance needs 40 + 40 slots (block 1), or 64 + 40 with 32-slot blocks
+    assert resolved({"cfg_scale": 1.0}, max_model_len=80)["options"]["cfg_scale"] == 1.0
+    with pytest.raises(InvalidDiffusionOption, match="second canvas") as err:
+        resolved({"cfg_scale": 1.0}, max_model_len=100, kv_block_size=32)
+    assert err.value.option == "cfg_scale"

@@ -23,6 +23,7 @@ from surelock_vllm.diffusion.options import (
     REMASKING_CHOICES,
     SURELOCK_KEYS,
     DiffusionOptions,
+    MAX_CFG_SCALE,
     InvalidDiffusionOption,
     SureLockOptions,
 )
@@ -33,7 +34,8 @@ MAX_MODEL_LEN = 1024
 MAX_ROWS = 2048
 SETTINGS = ServerSettings.from_mapping({"max_gen_length": 512, "max_steps": 256})
 
-OPTION_KEYS = ["gen_length", "steps", "block_length", "remasking", "confidence_threshold", *SURELOCK_KEYS]
+OPTION_KEYS = ["gen_length", "steps", "block_length", "remasking", "confidence_threshold",
+               "cfg_scale", "logits_eos_inf", "confidence_eos_eot_inf", *SURELOCK_KEYS]
 HOSTILE_KEYS = ["_surelock_resolved", "_x", "gen_lenght", "", "steps ", "STEPS"]
 
 def hostile(int_bound: int):
@@ -95,6 +97,10 @@ def check_within_bounds(resolved: dict, prompt_len: int) -> None:
     assert math.isfinite(lock.eps) and lock.eps >= 0
     assert lock.confidence_gate is None or 0 < lock.confidence_gate <= 1
     assert lock.candidates in ("before_unmask", "after_unmask") and lock.kl_test in ("<", "<=")
+    assert math.isfinite(options.cfg_scale) and 0 <= options.cfg_scale <= MAX_CFG_SCALE
+    if options.cfg_scale > 0:  # guidance: twice the rows and KV slots, and no locking
+        assert not lock.enabled and 2 * (prompt_len + options.gen_length) <= min(MAX_MODEL_LEN, MAX_ROWS)
+    assert isinstance(options.logits_eos_inf, bool) and isinstance(options.confidence_eos_eot_inf, bool)
 
 
 # A fixed budget and a fixed example stream in CI (derandomize); explore more with
@@ -154,6 +160,9 @@ engine_xargs = st.fixed_dictionaries(
         "surelock_candidates": st.one_of(st.sampled_from(["before_unmask", "after_unmask"]), engine_hostile_values),
         "surelock_kl_test": st.one_of(st.sampled_from(["<", "<="]), engine_hostile_values),
         "surelock_preset": st.one_of(st.just("paper"), engine_hostile_values),
+        "cfg_scale": st.one_of(st.sampled_from([0, 0.5, 2.0]), engine_hostile_values),
+        "logits_eos_inf": st.one_of(st.booleans(), engine_hostile_values),
+        "confidence_eos_eot_inf": st.one_of(st.booleans(), engine_hostile_values),
         "_surelock_resolved": engine_hostile_values,
         "stepz": st.integers(min_value=-(2**62), max_value=2**62),
     },
@@ -174,15 +183,16 @@ def ref_model():
     return LLaDAReferenceLM.from_pretrained(CHECKPOINT, torch.float32)
 
 
-def reference_tokens(ref_model, prompt_ids, resolved, mask_id):
+def reference_tokens(ref_model, prompt_ids, resolved, mask_id, tokenizer):
     from surelock_vllm.reference.sampler import reference_generate
     from surelock_vllm.reference.surelock import reference_generate_surelock
 
     options = DiffusionOptions(**resolved["options"])
     lock = SureLockOptions(**resolved["surelock"])
+    ids = dict(eos_id=tokenizer.eos_token_id, eot_id=tokenizer.convert_tokens_to_ids("<|eot_id|>"))
     if lock.enabled:
-        return reference_generate_surelock(ref_model, prompt_ids, options, lock, mask_id, resolved["seed"]).tokens
-    return reference_generate(ref_model, prompt_ids, options, mask_id, resolved["seed"])
+        return reference_generate_surelock(ref_model, prompt_ids, options, lock, mask_id, resolved["seed"], **ids).tokens
+    return reference_generate(ref_model, prompt_ids, options, mask_id, resolved["seed"], **ids)
 
 
 CANARY = {"steps": 8, "block_length": 8, "surelock": True}
@@ -206,7 +216,8 @@ def test_engine_completes_like_the_reference_or_refuses_by_name(llm, ref_model, 
                         [hostile, canary], use_tqdm=False)
     try:
         resolved = resolve_request(sampling_params(xargs, max_tokens, temperature, seed), len(prompt_ids),
-                                   max_model_len=MAX_MODEL_LEN, max_rows_per_step=MAX_ROWS, settings=SETTINGS)
+                                   max_model_len=MAX_MODEL_LEN, max_rows_per_step=MAX_ROWS, settings=SETTINGS,
+                                   kv_block_size=32)
     except InvalidDiffusionOption as err:
         completion = outs[0].outputs[0]
         assert completion.finish_reason == "error"
@@ -216,8 +227,9 @@ def test_engine_completes_like_the_reference_or_refuses_by_name(llm, ref_model, 
     else:
         # the answer is the canvas's first max_tokens tokens (max_tokens may be below gen_length)
         assert outs[0].outputs[0].finish_reason == "length"
-        expected = reference_tokens(ref_model, prompt_ids, resolved, mask_id)[:max_tokens]
+        expected = reference_tokens(ref_model, prompt_ids, resolved, mask_id, tokenizer)[:max_tokens]
         assert list(outs[0].outputs[0].token_ids) == expected
     # the canary, next to it in the same batch, is untouched
     canary_resolved = resolve_request(canary, 3, max_model_len=MAX_MODEL_LEN, max_rows_per_step=MAX_ROWS)
-    assert list(outs[1].outputs[0].token_ids) == reference_tokens(ref_model, [87, 88, 89], canary_resolved, mask_id)
+    assert list(outs[1].outputs[0].token_ids) == reference_tokens(ref_model, [87, 88, 89], canary_resolved, mask_id,
+                                                                  tokenizer)

@@ -85,6 +85,17 @@ def test_completion_and_chat(server, ref_model, tokenizer, mask_id):
     assert chat.json()["usage"]["completion_tokens"] == cut
 
 
+def test_a_request_without_temperature_is_greedy(server):
+    """LLaDA's chat and generate default to temperature 0; vLLM's default is 1.0."""
+    body = {"prompt": "Tell me about locks", "max_tokens": 32, "seed": 5, "ignore_eos": True,
+            "return_token_ids": True, "vllm_xargs": {"steps": 16, "block_length": 8}}
+    omitted = post(server, "/v1/completions", body).json()["choices"][0]["token_ids"]
+    greedy = post(server, "/v1/completions", {**body, "temperature": 0}).json()["choices"][0]["token_ids"]
+    hot = post(server, "/v1/completions", {**body, "temperature": 1.0}).json()["choices"][0]["token_ids"]
+    assert omitted == greedy
+    assert hot != greedy  # an explicit temperature still wins
+
+
 def test_stream_equals_non_stream_equals_offline(server, tokenizer):
     body = {"prompt": "Write a story about a lock", "max_tokens": 64, "temperature": 0.8, "seed": 1234,
             "ignore_eos": True, "return_token_ids": True,

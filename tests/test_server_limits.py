@@ -95,6 +95,14 @@ REPROS = [
      "surelock_eps", "got False"),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 32, "vllm_xargs": {"_surelock_resolved": "x"}},
      "_surelock_resolved", "internal key"),
+    # 5. LLaDA generate()'s options
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 32, "vllm_xargs": {"cfg_scale": -0.5}}, "cfg_scale", "in [0, 100]"),
+    ("/v1/chat/completions", chat("Hi", max_tokens=32, vllm_xargs={"cfg_scale": 1, "surelock": True}),
+     "cfg_scale", "cannot be combined with SureLock"),
+    ("/v1/completions", {"prompt": "x" * 500, "max_tokens": 256, "vllm_xargs": {"cfg_scale": 1, "steps": 32}},
+     "cfg_scale", "runs the canvas twice"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 32, "vllm_xargs": {"logits_eos_inf": "yes"}},
+     "logits_eos_inf", "true or false"),
 ]
 
 

@@ -43,8 +43,15 @@ The decisions are those of `lock_rule.LockState`, which keeps every row's
 last posterior: the two differ only in rows it never reads again.
 
 Row order. The rows read are laid out as all requests' masked block rows,
-then all requests' Z rows (each in request, then position order), so the
-sampler and the lock test each take a contiguous slice of the logits.
+then all requests' Z rows, then the unconditional rows of guided requests
+(each in request, then position order), so the sampler and the lock test
+each take a contiguous slice of the logits.
+
+Classifier-free guidance (`cfg_scale`, LLaDA's). A guided request's step also
+runs its unconditional canvas (the canvas with the prompt masked) as a second
+sequence of the step, over all of its rows, with K/V slots of its own
+(`guided_kv_tokens`); the block rows' logits are then u + (cfg_scale + 1)(c - u).
+Guided requests do not lock.
 
 The one-request oracle is `denoiser.CanvasDenoiser` (with `LockState`); tests
 run both on the same logits and compare tokens and lock steps.
@@ -62,7 +69,9 @@ from surelock_vllm.diffusion.lock_rule import stepwise_kl
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.diffusion.random import request_seed
 from surelock_vllm.diffusion.sampling import (
+    ban_token,
     chunk_rows,
+    hold_back_tokens,
     num_transfer,
     threshold_num_transfer,
     top_k_per_group,
@@ -99,6 +108,9 @@ class SlotInfo:
     surelock: bool
     gated: bool
     after_unmask: bool  # Algorithm 1: this step's unmasked tokens are lock candidates now
+    guided: bool  # classifier-free guidance: an unconditional canvas too
+    ban_eos: bool  # logits_eos_inf
+    hold_eos_eot: bool  # confidence_eos_eot_inf
     next_rows: int  # rows its next step computes (the scheduler's charge)
     blocks_done: int = 0
     stepped: bool = False  # has taken its first step (Z's rows all have a previous posterior)
@@ -113,12 +125,26 @@ class BatchPlan:
     width: int  # canvas columns spanned (longest canvas of the step)
     query_b: torch.Tensor  # [R] request of each computed row
     query_pos: torch.Tensor  # [R] canvas position of each computed row
-    num_query_rows: list[int]  # [B] on the host
-    # rows read: first the block's masked rows (to unmask), then Z (to test)
+    num_query_rows: list[int]  # [B] on the host (a guided request's: both canvases)
+    # rows read: first the block's masked rows (to unmask), then Z (to test),
+    # then the unconditional rows of guided requests' block rows
     read_b: torch.Tensor  # [G] request of each row read
     read_pos: torch.Tensor  # [G] its canvas position
     read_rows: torch.Tensor  # [G] its index among the computed rows
-    num_sampled: int  # the first num_sampled rows read are block rows, the rest Z
+    num_sampled: int  # the first num_sampled rows read are block rows, then Z
+    # The step's sequences for the attention kernel: the B canvases, then the
+    # unconditional canvases of the guided requests (computed rows come in
+    # that order). Without guidance: B sequences, query_seq = query_b.
+    query_ids: torch.Tensor  # [R] input token id of each computed row
+    query_seq: torch.Tensor  # [R] sequence of each computed row
+    seq_b: list[int]  # request of each sequence (host)
+    seq_rows: list[int]  # rows computed per sequence (host)
+    guided_rows: torch.Tensor  # [U] the sampled rows (indices < num_sampled) that are guided
+    num_guided: int = 0  # U: the last U rows read are their unconditional rows
+
+    @property
+    def num_unguided_reads(self) -> int:
+        return int(self.read_b.shape[0]) - self.num_guided
 
 
 @dataclass
@@ -160,10 +186,12 @@ class StepResult:
 
 class DiffusionBatch:
     def __init__(self, max_requests: int, max_canvas_len: int, mask_id: int, device: torch.device | str = "cpu",
-                 stored_rows: int = STORED_ROWS_PER_REQUEST):
+                 stored_rows: int = STORED_ROWS_PER_REQUEST, eos_id: int | None = None, eot_id: int | None = None):
         S, L = max_requests, max_canvas_len
         self.stored_rows = stored_rows  # the store's budget of Z rows per request
         self.mask_id = mask_id
+        # end-of-text and end-of-turn ids, for LLaDA's EOS options
+        self.eos_id, self.eot_id = eos_id, eot_id
         self.device = device = torch.device(device)
         self.max_canvas_len = L
 
@@ -209,6 +237,9 @@ class DiffusionBatch:
         self.gated = slots(torch.bool, False)
         self.after_unmask = slots(torch.bool, False)  # candidates after this step's unmasking
         self.inclusive = slots(torch.bool, False)  # the sure test is KL <= eps (else <)
+        self.cfg_scale = slots(torch.float64)  # classifier-free guidance, 0: none
+        self.ban_eos = slots(torch.bool, False)  # logits_eos_inf
+        self.hold_eos_eot = slots(torch.bool, False)  # confidence_eos_eot_inf
 
         self.info: dict[int, SlotInfo] = {}
         self._free = list(range(S - 1, -1, -1))
@@ -230,6 +261,12 @@ class DiffusionBatch:
         p, canvas_len = len(prompt_ids), len(prompt_ids) + options.gen_length
         if canvas_len > self.max_canvas_len:
             raise ValueError(f"canvas of {canvas_len} positions exceeds {self.max_canvas_len}")
+        lock = surelock if surelock is not None and surelock.enabled else None
+        guided = options.cfg_scale > 0
+        if guided and lock is not None:
+            raise ValueError("classifier-free guidance is not combined with SureLock")
+        if options.logits_eos_inf and self.eos_id is None:
+            raise ValueError("logits_eos_inf needs the batch's eos_id")
         slot = self._free.pop()
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
         self.canvas[slot].fill_(self.mask_id)
@@ -241,7 +278,6 @@ class DiffusionBatch:
         self.lock_step[slot].fill_(-1)
         self.prev_index[slot].fill_(-1)
         self.prev_hidden[slot].fill_(-1)
-        lock = surelock if surelock is not None and surelock.enabled else None
         values = {
             "prompt_len": p, "canvas_len": canvas_len, "block_length": options.block_length,
             "steps_per_block": options.steps_per_block, "block": 0, "step_in_block": 0, "steps_done": 0,
@@ -255,6 +291,8 @@ class DiffusionBatch:
             "gate": 1.0 if lock is None or lock.confidence_gate is None else lock.confidence_gate,
             "after_unmask": lock is not None and lock.after_unmask,
             "inclusive": lock is not None and lock.inclusive,
+            "cfg_scale": options.cfg_scale, "ban_eos": options.logits_eos_inf,
+            "hold_eos_eot": options.confidence_eos_eot_inf,
         }
         for name, value in values.items():
             getattr(self, name)[slot] = value
@@ -263,7 +301,9 @@ class DiffusionBatch:
             num_blocks=options.num_blocks, sampled=options.temperature > 0,
             random_remasking=options.remasking == "random",
             adaptive=options.confidence_threshold is not None, surelock=lock is not None,
-            gated=values["gated"], after_unmask=values["after_unmask"], next_rows=canvas_len,
+            gated=values["gated"], after_unmask=values["after_unmask"], guided=guided,
+            ban_eos=options.logits_eos_inf, hold_eos_eot=options.confidence_eos_eot_inf,
+            next_rows=2 * canvas_len if guided else canvas_len,
         )
         return slot
 
@@ -297,13 +337,54 @@ class DiffusionBatch:
         sampled_b, sampled_pos = sampled.nonzero(as_tuple=True)
         z_b, z_pos = z.nonzero(as_tuple=True)
         read_b, read_pos = torch.cat([sampled_b, z_b]), torch.cat([sampled_pos, z_pos])
-        return BatchPlan(
+        infos = [self.info[s] for s in slots]
+        num_query_rows = [i.next_rows for i in infos]
+        plan = BatchPlan(
             slots=list(slots), slot_index=index, width=width,
-            query_b=query_b, query_pos=query_pos,
-            num_query_rows=[self.info[s].next_rows for s in slots],
+            query_b=query_b, query_pos=query_pos, num_query_rows=num_query_rows,
             read_b=read_b, read_pos=read_pos, read_rows=flat_row[read_b, read_pos],
             num_sampled=int(sampled_b.shape[0]),
+            query_ids=self.canvas[index[query_b], query_pos], query_seq=query_b,
+            seq_b=list(range(len(slots))), seq_rows=list(num_query_rows),
+            guided_rows=sampled_b[:0],
         )
+        if any(i.guided for i in infos):
+            self._add_unconditional(plan, infos, valid, sampled)
+        return plan
+
+    def _add_unconditional(self, plan: BatchPlan, infos: list[SlotInfo], valid: torch.Tensor,
+                           sampled: torch.Tensor) -> None:
+        """Guided requests' unconditional canvases: all of their rows, as sequences after
+        the B canvases, and their block rows' reads after all others (LLaDA's `un_x`:
+        the canvas with the prompt's tokens masked)."""
+        guided_b = [b for b, i in enumerate(infos) if i.guided]
+        guided = torch.zeros(len(infos), dtype=torch.bool, device=self.device)
+        guided[guided_b] = True
+        index = plan.slot_index
+        rows = valid & guided[:, None]
+        u_b, u_pos = rows.nonzero(as_tuple=True)
+        u_slot = index[u_b]
+        prompt = (u_pos < self.prompt_len[u_slot]) & (self.canvas[u_slot, u_pos] != self.mask_id)
+        u_ids = torch.where(prompt, self.mask_id, self.canvas[u_slot, u_pos])
+        num_cond = plan.query_b.shape[0]
+        flat_row = num_cond + rows.flatten().cumsum(0).view(rows.shape) - 1
+        g_b, g_pos = (sampled & guided[:, None]).nonzero(as_tuple=True)
+        for b, info in enumerate(infos):
+            if info.guided:
+                plan.seq_rows[b] -= info.canvas_len  # the conditional canvas's share
+        plan.query_b = torch.cat([plan.query_b, u_b])
+        plan.query_pos = torch.cat([plan.query_pos, u_pos])
+        plan.query_ids = torch.cat([plan.query_ids, u_ids])
+        seq_of = torch.full((len(infos),), -1, dtype=torch.long, device=self.device)
+        seq_of[guided_b] = torch.arange(len(guided_b), device=self.device) + len(infos)
+        plan.query_seq = torch.cat([plan.query_seq, seq_of[u_b]])
+        plan.seq_b += guided_b
+        plan.seq_rows += [infos[b].canvas_len for b in guided_b]
+        plan.guided_rows = guided[plan.read_b[: plan.num_sampled]].nonzero().squeeze(-1)
+        plan.num_guided = int(g_b.shape[0])
+        plan.read_b = torch.cat([plan.read_b, g_b])
+        plan.read_pos = torch.cat([plan.read_pos, g_pos])
+        plan.read_rows = torch.cat([plan.read_rows, flat_row[g_b, g_pos]])
 
     def step(self, plan: BatchPlan, hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor]) -> StepResult:
         """Unmask and lock, given the final hidden states [G, d] of the plan's rows read.
@@ -317,20 +398,35 @@ class DiffusionBatch:
         read_slot = index[plan.read_b]
 
         # -- LLaDA's transfer: x0 and confidence of the block's masked rows, top k per request
-        n = plan.num_sampled
+        n, reads = plan.num_sampled, plan.num_unguided_reads
         any_surelock = any(i.surelock for i in infos)
         # A small Z (the usual case once the prompt has locked) shares the
         # block rows' LM-head call (the head's weights are read once for both);
         # a large one gets its logits a chunk at a time in the lock test.
-        num_z = hidden.shape[0] - n
+        num_z = reads - n
         first_z = num_z if any_surelock and num_z <= _SHARED_HEAD_ROWS else 0
         head = lm_head(hidden[: n + first_z]).float()
         row_logits, req = head[:n], plan.read_b[:n]
         slot, pos = read_slot[:n], plan.read_pos[:n]
+        if plan.num_guided:
+            # classifier-free guidance, as LLaDA: u + (cfg_scale + 1) (c - u)
+            unconditional = lm_head(hidden[reads:]).float()
+            g = plan.guided_rows
+            scale = (self.cfg_scale[slot[g]] + 1).float()[:, None]
+            row_logits[g] = unconditional + scale * (row_logits[g] - unconditional)
+            del unconditional
+        sampling_logits = row_logits
+        if any(i.ban_eos for i in infos):
+            # LLaDA's logits_eos_inf, for sampling only (the lock test reads the model's posterior)
+            sampling_logits = ban_token(row_logits, self.ban_eos[slot], self.eos_id)
         x0, score = x0_and_score(
-            row_logits, self.temperature[slot], self.random_remasking[slot], self.seed[slot],
+            sampling_logits, self.temperature[slot], self.random_remasking[slot], self.seed[slot],
             self.steps_done[slot], pos, any(i.sampled for i in infos), any(i.random_remasking for i in infos),
         )
+        del sampling_logits
+        if any(i.hold_eos_eot for i in infos):
+            held = [t for t in (self.eos_id, self.eot_id) if t is not None]
+            score = hold_back_tokens(score, x0, self.hold_eos_eot[slot], held)
         k = num_transfer(self.block_length[index], self.steps_per_block[index], self.step_in_block[index])
         any_adaptive = any(i.adaptive for i in infos)
         if any_adaptive:
@@ -358,7 +454,7 @@ class DiffusionBatch:
             z_logits = head[n:] if first_z else None
             del head, row_logits  # the block rows' logits are done with: free them before the test
             recomputed = self._lock_step(
-                plan, hidden[n:], z_logits, lm_head, read_slot[n:], block, any(i.gated for i in infos),
+                plan, hidden[n:reads], z_logits, lm_head, read_slot[n:reads], block, any(i.gated for i in infos),
                 first_step=any(i.surelock and not i.stepped for i in infos),
                 any_after_unmask=any(i.after_unmask for i in infos),
                 carry=self._unscheduled_surelock_slots(plan),
@@ -387,8 +483,8 @@ class DiffusionBatch:
         time); `first_step`: some request takes its first step. Returns the
         logit rows recomputed per scheduled request (None when none were).
         """
-        n = plan.num_sampled
-        pos, req = plan.read_pos[n:], plan.read_b[n:]
+        n, reads = plan.num_sampled, plan.num_unguided_reads
+        pos, req = plan.read_pos[n:reads], plan.read_b[n:reads]
         u_slot, u_pos, u_req = block.slot[block.unmasked], block.pos[block.unmasked], block.req[block.unmasked]
         num_z, vocab = z_hidden.shape[0], block.unmasked_logits.shape[-1]
         num_unmasked = u_slot.shape[0]
@@ -627,6 +723,8 @@ class DiffusionBatch:
         result = StepResult(block_tokens=[], finished=[], next_rows=[], logit_rows=[], locked=[])
         for info, row in zip(infos, packed.tolist()):
             next_rows, locked_count, logit_rows, block = row[:4]
+            if info.guided:
+                next_rows += info.canvas_len  # the unconditional canvas
             done = block > info.blocks_done
             info.blocks_done = block
             info.stepped = True

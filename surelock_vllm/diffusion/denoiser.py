@@ -16,7 +16,14 @@ import torch
 from surelock_vllm.diffusion.lock_rule import LockState
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.diffusion.random import request_seed
-from surelock_vllm.diffusion.sampling import threshold_num_transfer, top_k_per_group, transfer_schedule, x0_and_score
+from surelock_vllm.diffusion.sampling import (
+    ban_token,
+    hold_back_tokens,
+    threshold_num_transfer,
+    top_k_per_group,
+    transfer_schedule,
+    x0_and_score,
+)
 
 
 @dataclass
@@ -48,8 +55,14 @@ class CanvasDenoiser:
         mask_id: int,
         seed: int,
         surelock: SureLockOptions | None = None,
+        eos_id: int | None = None,
+        eot_id: int | None = None,
     ):
+        if options.cfg_scale > 0:
+            # guidance combines two canvases' logits: DiffusionBatch and the reference sampler
+            raise ValueError("CanvasDenoiser takes one canvas's logits; cfg_scale must be 0")
         self.options = options
+        self.eos_id, self.eot_id = eos_id, eot_id
         self.mask_id = mask_id
         self.prompt_len = len(prompt_ids)
         self.canvas = torch.full(
@@ -139,7 +152,7 @@ class CanvasDenoiser:
         if positions.numel() > 0:
             x0, chosen = llada_transfer(
                 logits.float(), positions, self.options, self.seed, self.num_steps_done, k,
-                steps_left=self.options.steps_per_block - self.step_in_block,
+                steps_left=self.options.steps_per_block - self.step_in_block, eos_id=self.eos_id, eot_id=self.eot_id,
             )
             unmasked = positions[chosen]
             self.canvas[unmasked] = x0[chosen]
@@ -164,7 +177,7 @@ class CanvasDenoiser:
 
 def llada_transfer(
     logits: torch.Tensor, positions: torch.Tensor, options: DiffusionOptions, seed: int, step: int, k: int,
-    steps_left: int = 1,
+    steps_left: int = 1, eos_id: int | None = None, eot_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One request's x0 for the masked `positions` (float32 `logits`), and which transfer:
     the k most confident (fixed schedule), or as many as the confidence threshold
@@ -176,10 +189,14 @@ def llada_transfer(
 
     seeds, steps = per_row(seed, torch.long), per_row(step, torch.long)
     random = options.remasking == "random"
+    if options.logits_eos_inf:
+        logits = ban_token(logits, per_row(True, torch.bool), eos_id)
     x0, score = x0_and_score(
         logits, per_row(options.temperature, torch.float64), per_row(random, torch.bool),
         seeds, steps, positions, options.temperature > 0, random,
     )
+    if options.confidence_eos_eot_inf:
+        score = hold_back_tokens(score, x0, per_row(True, torch.bool), [t for t in (eos_id, eot_id) if t is not None])
     group = per_row(0, torch.long)
     if options.confidence_threshold is not None:
         k = int(threshold_num_transfer(

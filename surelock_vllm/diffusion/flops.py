@@ -76,14 +76,18 @@ class ComputeLedger:
     # steps it sat out included (set by the scheduler; steps <= engine_steps)
     engine_steps: int = 0
 
-    def add_step(self, shape: ModelShape, rows: int, canvas_len: int, logit_rows: int, locked: int) -> None:
+    def add_step(
+        self, shape: ModelShape, rows: int, canvas_len: int, logit_rows: int, locked: int, sequences: int = 1
+    ) -> None:
+        """One step: `rows` computed over canvases of `canvas_len` (`sequences` of them: 2
+        with classifier-free guidance, the canvas and the unconditional one)."""
         self.steps += 1
         self.rows += rows
-        self.rows_nolock += canvas_len
+        self.rows_nolock += sequences * canvas_len
         self.dense_flops += shape.dense_flops(rows)
-        self.dense_flops_nolock += shape.dense_flops(canvas_len)
+        self.dense_flops_nolock += shape.dense_flops(sequences * canvas_len)
         self.attention_flops += shape.attention_flops(rows, canvas_len)
-        self.attention_flops_nolock += shape.attention_flops(canvas_len, canvas_len)
+        self.attention_flops_nolock += sequences * shape.attention_flops(canvas_len, canvas_len)
         self.lm_head_flops += shape.lm_head_flops(logit_rows)
         if self.locked_fraction is None:
             self.locked_fraction = []

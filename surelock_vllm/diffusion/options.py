@@ -31,6 +31,17 @@ OPTION_HELP = {
         "of the block whose confidence is at least this, at least one, and enough to finish the block "
         "within its steps (steps becomes an upper bound); 0 or null: the fixed schedule (default)"
     ),
+    "cfg_scale": (
+        "classifier-free guidance as in LLaDA's generate: logits = u + (cfg_scale + 1) (c - u), u from "
+        "a second canvas with the prompt masked (twice the rows a step; not with SureLock); 0: off (default)"
+    ),
+    "logits_eos_inf": (
+        "LLaDA's logits_eos_inf: the end-of-text token's logit is -inf, so it is never predicted (default false)"
+    ),
+    "confidence_eos_eot_inf": (
+        "LLaDA's confidence_eos_eot_inf: positions predicted as end-of-text or end-of-turn are unmasked "
+        "after every other masked position of their block (default false)"
+    ),
 }
 
 
@@ -95,6 +106,11 @@ class DiffusionOptions:
     temperature: float = 0.0
     # adaptive unmasking: None, the fixed schedule; else steps_per_block is an upper bound
     confidence_threshold: float | None = None
+    # classifier-free guidance (LLaDA's cfg_scale): 0, off
+    cfg_scale: float = 0.0
+    # LLaDA's EOS options (Appendix B.4 of the LLaDA paper)
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
 
     @property
     def num_blocks(self) -> int:
@@ -201,6 +217,14 @@ class DiffusionOptions:
             raise InvalidDiffusionOption("confidence_threshold", _RANDOM_HAS_NO_CONFIDENCE)
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
             raise InvalidDiffusionOption("temperature", f"must be a finite number >= 0, got {temperature!r}")
+        cfg_scale = args.get("cfg_scale", 0.0)
+        if (
+            isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float))
+            or not math.isfinite(cfg_scale) or not 0 <= cfg_scale <= MAX_CFG_SCALE
+        ):
+            raise InvalidDiffusionOption(
+                "cfg_scale", f"must be a number in [0, {MAX_CFG_SCALE:g}] (0: no guidance), got {cfg_scale!r}"
+            )
         return cls(
             gen_length=gen_length,
             steps=steps,
@@ -208,7 +232,14 @@ class DiffusionOptions:
             remasking=remasking,
             temperature=float(temperature),
             confidence_threshold=threshold,
+            cfg_scale=float(cfg_scale),
+            logits_eos_inf=_as_bool(args.get("logits_eos_inf", False), "logits_eos_inf"),
+            confidence_eos_eot_inf=_as_bool(args.get("confidence_eos_eot_inf", False), "confidence_eos_eot_inf"),
         )
+
+
+#: guidance scales past this only amplify rounding noise (LLaDA's evaluations use 0.5 to 3)
+MAX_CFG_SCALE = 100.0
 
 
 def _check_positive_int(name: str, value: Any) -> None:

@@ -109,6 +109,42 @@ def x0_and_score(
     return x0, score
 
 
+#: the score of a position `confidence_eos_eot_inf` holds back: below every other
+#: masked position's (probabilities and uniform scores are >= 0), above the
+#: rows outside the block and the unmasked ones (-inf in the reference sampler)
+HELD_BACK_SCORE = -1.0
+
+
+def ban_token(logits: torch.Tensor, rows: torch.Tensor, token_id: int) -> torch.Tensor:
+    """LLaDA's `logits_eos_inf`: `token_id` gets logit -inf in the `rows` (bool [rows]).
+
+    Returns a new tensor; the caller's logits (which the lock test may read) are untouched."""
+    banned = logits.clone()
+    banned[rows, token_id] = -torch.inf
+    return banned
+
+
+def hold_back_tokens(score: torch.Tensor, x0: torch.Tensor, rows: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """LLaDA's `confidence_eos_eot_inf`: in the `rows` (bool), a position whose x0 is one of
+    `token_ids` (end-of-text, end-of-turn) scores HELD_BACK_SCORE, so it is unmasked after
+    every other masked position of its block (ties to the earlier position) and never
+    passes a confidence threshold.
+
+    This is the option as its name and LLaDA's Appendix B.4 state it. LLaDA's
+    current generate.py line, `logits_with_noise[:, :, 126081] = logits[:, :, 126348]
+    = -torch.inf`, is a chained assignment: the first target is written after x0
+    was taken (no effect), the second makes an EoT prediction's confidence 0 and
+    renormalises the others without EoT; an EOS prediction keeps its confidence.
+    A literal -inf would also tie with the positions that are not masked, so a
+    step could transfer fewer tokens than scheduled; a score just below every
+    masked position's keeps the schedule.
+    """
+    hit = torch.zeros_like(rows)
+    for token_id in token_ids:
+        hit |= x0 == token_id
+    return torch.where(rows & hit, HELD_BACK_SCORE, score)
+
+
 def top_k_per_group(score: torch.Tensor, group: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Bool per row: among the rows of its group, one of the `k[group]` highest scores.
 

@@ -62,6 +62,7 @@ class LLaDAEngineConfig(VerifyAndUpdateConfig):
             raise ValueError("surelock: pipeline parallelism is not supported for LLaDA; use tensor parallelism")
         use_v1_model_runner()
         run_eagerly(vllm_config.model_config)
+        default_temperature_zero(vllm_config.model_config)
 
 
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
@@ -94,3 +95,20 @@ def run_eagerly(model_config) -> None:
             "the diffusion step computes a different set of rows every step and runs eagerly"
         )
         model_config.enforce_eager = True
+
+
+def default_temperature_zero(model_config) -> None:
+    """A request that gives no temperature gets 0, LLaDA's default (its chat and
+    generate sample greedily), instead of vLLM's 1.0; an explicit temperature
+    still wins. vLLM fills an omitted temperature from the model's generation
+    config, so the default goes into `override_generation_config` unless the
+    user or the checkpoint's generation_config.json sets one. (Offline, a
+    `SamplingParams()` built by hand always carries a temperature, 1.0 unless
+    given; `LLM.generate` without sampling params and
+    `LLM.get_default_sampling_params()` get 0.)"""
+    if "temperature" in model_config.override_generation_config:
+        return
+    if model_config.generation_config != "vllm" and "temperature" in model_config.try_get_generation_config():
+        return
+    model_config.override_generation_config = {**model_config.override_generation_config, "temperature": 0.0}
+    logger.info("surelock: requests that give no temperature get 0 (LLaDA's default, greedy unmasking)")

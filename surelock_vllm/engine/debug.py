@@ -135,7 +135,7 @@ class StepTrace:
                     "req_id": req_id,
                     "engine_step": self.engine_steps,
                     "step": int(batch.steps_done[slot]) - 1,
-                    "query_positions": plan.query_pos[plan.query_b == b].tolist(),
+                    "query_positions": plan.query_pos[plan.query_seq == b].tolist(),
                     "locked": locked.tolist(),
                     "masked": batch.masked[slot, :canvas_len].nonzero().squeeze(-1).tolist(),  # after the step
                     "locked_kv": kv,

@@ -8,6 +8,7 @@ same options and the same seed.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
@@ -15,6 +16,7 @@ from surelock_vllm.diffusion.options import (
     SURELOCK_KEYS,
     DiffusionOptions,
     InvalidDiffusionOption,
+    SureLockOptions,
     length_option,
 )
 from surelock_vllm.engine.settings import ServerSettings
@@ -29,11 +31,14 @@ def resolve_request(
     max_model_len: int,
     max_rows_per_step: int,
     settings: ServerSettings = ServerSettings(),
+    kv_block_size: int = 1,
 ) -> dict[str, Any]:
     """Validated options and seed; raises InvalidDiffusionOption naming the option.
 
     Called on the client's own parameters (the API server's validation, then
     the scheduler on arrival), before the engine has added anything.
+    `kv_block_size`: the KV cache's block size (a guided request's second
+    canvas starts on a block boundary).
     """
     check_supported_sampling(sampling_params)
     extra = dict(sampling_params.extra_args or {})
@@ -51,6 +56,16 @@ def resolve_request(
         # the paper preset: one block over the whole generation, unless the request sets block_length
         one_block=surelock.preset == "paper",
     )
+    if options.cfg_scale > 0 and surelock.enabled:
+        own = {k: extra[k] for k in ("surelock", "surelock_preset") if k in extra}
+        if SureLockOptions().resolve(own).enabled:  # the request's own keys ask for locking
+            raise InvalidDiffusionOption(
+                "cfg_scale",
+                "classifier-free guidance cannot be combined with SureLock (the unconditional canvas "
+                "would need locks of its own); set surelock to false or cfg_scale to 0",
+            )
+        # SureLock is this server's default, not the request's choice: guidance wins
+        surelock = dataclasses.replace(surelock, enabled=False)
     canvas_len = prompt_len + options.gen_length
     gen_key = length_option(extra)
     if canvas_len > max_model_len:
@@ -65,10 +80,35 @@ def resolve_request(
             f"the canvas (prompt {prompt_len} + gen_length {options.gen_length} "
             f"= {canvas_len} rows) exceeds max_num_batched_tokens={max_rows_per_step}",
         )
+    if options.cfg_scale > 0:
+        rows, kv_tokens = guided_rows(canvas_len), guided_kv_tokens(canvas_len, kv_block_size)
+        if rows > max_rows_per_step:
+            raise InvalidDiffusionOption(
+                "cfg_scale",
+                f"guidance runs the canvas twice ({rows} rows a step), more than "
+                f"max_num_batched_tokens={max_rows_per_step}",
+            )
+        if kv_tokens > max_model_len:
+            raise InvalidDiffusionOption(
+                "cfg_scale",
+                f"guidance keeps a second canvas in the KV cache ({kv_tokens} slots with the first), "
+                f"more than the model's context length {max_model_len}",
+            )
     seed = sampling_params.seed
     if seed is None:
         seed = random.getrandbits(63)
     return {"options": options.as_dict(), "surelock": surelock.as_dict(), "seed": int(seed)}
+
+
+def guided_rows(canvas_len: int) -> int:
+    """Rows a guided request computes each step: its canvas and the unconditional one."""
+    return 2 * canvas_len
+
+
+def guided_kv_tokens(canvas_len: int, block_size: int) -> int:
+    """KV slots of a guided request: the canvas, then the unconditional canvas from the next
+    block boundary on (each sequence's K/V are addressed by a block table of its own)."""
+    return -(-canvas_len // block_size) * block_size + canvas_len
 
 
 # SamplingParams fields the LLaDA sampler cannot honour: (field, value that

@@ -30,6 +30,7 @@ from surelock_vllm.engine.debug import StepTrace
 from surelock_vllm.engine.request_options import RESOLVED_KEY
 from surelock_vllm.engine.rows import StepLayout
 from surelock_vllm.engine.settings import ServerSettings
+from surelock_vllm.engine.special_tokens import special_tokens
 from surelock_vllm.log import get_logger
 
 logger = get_logger(__name__)
@@ -65,11 +66,14 @@ class DiffusionRunnerMixin:
     def diffusion_batch(self) -> DiffusionBatch:
         batch = getattr(self, "_diffusion_batch", None)
         if batch is None:
+            tokens = special_tokens(self.model_config)
             batch = self._diffusion_batch = DiffusionBatch(
                 max_requests=self.scheduler_config.max_num_seqs,
                 max_canvas_len=self.model_config.max_model_len,
                 mask_id=self.mask_token_id,
                 device=self.device,
+                eos_id=tokens.eos_id,
+                eot_id=tokens.eot_id,
             )
         return batch
 
@@ -130,11 +134,13 @@ class DiffusionRunnerMixin:
         next_rows: dict[str, int] = {}
         step_stats: dict[str, dict[str, int]] = {}
         for b, req_id in enumerate(req_ids):
+            info = batch.info[plan.slots[b]]
             step_stats[req_id] = dict(
                 rows=plan.num_query_rows[b],
-                canvas_len=batch.info[plan.slots[b]].canvas_len,
+                canvas_len=info.canvas_len,
                 logit_rows=result.logit_rows[b],
                 locked=result.locked[b],
+                sequences=2 if info.guided else 1,
             )
             if not result.finished[b]:
                 next_rows[req_id] = result.next_rows[b]
@@ -154,26 +160,35 @@ class DiffusionRunnerMixin:
         )
 
     def _step_layout(self, plan: BatchPlan, block_ids: list[list[int]]) -> StepLayout:
-        """The kernel's view of the step: flat rows on the device, offsets on the host."""
+        """The kernel's view of the step: flat rows on the device, offsets on the host.
+
+        One sequence per scheduled request's canvas, then one per guided
+        request's unconditional canvas, whose K/V live in the request's blocks
+        after its canvas's (`request_options.guided_kv_tokens`)."""
         block_size = self.cache_config.block_size
         batch = self.diffusion_batch()
-        canvas_lens = [batch.info[s].canvas_len for s in plan.slots]
-        width = max(map(len, block_ids))
-        table = torch.tensor([ids + [0] * (width - len(ids)) for ids in block_ids], dtype=torch.int32)
+        canvas_lens = [batch.info[plan.slots[b]].canvas_len for b in plan.seq_b]
+        num_requests = len(plan.slots)
+        tables = [
+            block_ids[b] if i < num_requests else block_ids[b][-(-canvas_lens[i] // block_size):]
+            for i, b in enumerate(plan.seq_b)
+        ]
+        width = max(map(len, tables))
+        table = torch.tensor([ids + [0] * (width - len(ids)) for ids in tables], dtype=torch.int32)
         table = table.to(self.device)
         pos = plan.query_pos
         query_start = [0]
-        for rows in plan.num_query_rows:
+        for rows in plan.seq_rows:
             query_start.append(query_start[-1] + rows)
         return StepLayout(
-            input_ids=batch.canvas[plan.slot_index[plan.query_b], pos],
+            input_ids=plan.query_ids,
             positions=pos,
-            slot_mapping=table[plan.query_b, pos // block_size].long() * block_size + pos % block_size,
+            slot_mapping=table[plan.query_seq, pos // block_size].long() * block_size + pos % block_size,
             query_start_loc=torch.tensor(query_start, dtype=torch.int32),
             seq_lens=torch.tensor(canvas_lens, dtype=torch.int32),
             block_table=table,
             logit_rows=plan.read_rows,
-            max_query_len=max(plan.num_query_rows),
+            max_query_len=max(plan.seq_rows),
             max_seq_len=max(canvas_lens),
         )
 

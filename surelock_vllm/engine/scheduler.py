@@ -42,8 +42,9 @@ from vllm.v1.request import Request, RequestStatus
 
 from surelock_vllm.diffusion.options import InvalidDiffusionOption, length_option
 from surelock_vllm.diffusion.flops import ComputeLedger, ModelShape
-from surelock_vllm.engine.request_options import RESOLVED_KEY, resolve_request
+from surelock_vllm.engine.request_options import RESOLVED_KEY, guided_kv_tokens, guided_rows, resolve_request
 from surelock_vllm.engine.settings import ServerSettings
+from surelock_vllm.engine.special_tokens import special_tokens
 from surelock_vllm.log import get_logger
 
 logger = get_logger(__name__)
@@ -53,7 +54,8 @@ logger = get_logger(__name__)
 class DiffusionRequestRecord:
     """What the scheduler keeps per admitted diffusion request."""
 
-    canvas_rows: int  # rows of the whole canvas (a preempted request restarts with it)
+    canvas_rows: int  # rows its first step computes: the whole canvas (twice with guidance)
+    kv_tokens: int  # KV slots it holds while it runs (allocated at admission)
     next_num_rows: int  # rows it computes at its next step (its budget charge)
     arrival_step: int  # engine steps run before it arrived
     last_scheduled_step: int  # engine step it was last scheduled in (fairness order)
@@ -69,6 +71,7 @@ class DiffusionScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.settings = ServerSettings.from_vllm_config(self.vllm_config)
         self.model_shape = ModelShape.from_config(self.vllm_config.model_config.hf_config)
+        self.end_of_turn_id = special_tokens(self.vllm_config.model_config).eot_id
         self.records: dict[str, DiffusionRequestRecord] = {}
         # engine steps that scheduled anything, since the engine started
         self.engine_step = 0
@@ -96,19 +99,24 @@ class DiffusionScheduler(Scheduler):
                 max_model_len=self.max_model_len,
                 max_rows_per_step=self.max_num_scheduled_tokens,
                 settings=self.settings,
+                kv_block_size=self.cache_config.block_size,
             )
-            self._check_fits_kv_cache(request, resolved["options"]["gen_length"], params)
+            canvas_len = request.num_prompt_tokens + resolved["options"]["gen_length"]
+            guided = resolved["options"]["cfg_scale"] > 0
+            kv_tokens = guided_kv_tokens(canvas_len, self.cache_config.block_size) if guided else canvas_len
+            self._check_fits_kv_cache(kv_tokens, params)
         except InvalidDiffusionOption as err:
             logger.warning("request %s rejected: %s", request.request_id, err)
             self.rejected[request.request_id] = str(err)
         else:
             params.extra_args = {**(params.extra_args or {}), RESOLVED_KEY: resolved}
-            gen_length = resolved["options"]["gen_length"]
+            self._stop_at_end_of_turn(params)
             # The answer is at most the generated canvas.
-            request.max_tokens = min(request.max_tokens, gen_length)
-            canvas_rows = request.num_prompt_tokens + gen_length
+            request.max_tokens = min(request.max_tokens, resolved["options"]["gen_length"])
+            canvas_rows = guided_rows(canvas_len) if guided else canvas_len
             self.records[request.request_id] = DiffusionRequestRecord(
                 canvas_rows=canvas_rows,
+                kv_tokens=kv_tokens,
                 next_num_rows=canvas_rows,
                 arrival_step=self.engine_step,
                 last_scheduled_step=self.engine_step,
@@ -117,13 +125,24 @@ class DiffusionScheduler(Scheduler):
             )
         super().add_request(request)
 
-    def _check_fits_kv_cache(self, request: Request, gen_length: int, params) -> None:
+    def _stop_at_end_of_turn(self, params) -> None:
+        """Stop at `<|eot_id|>` as at EOS (special_tokens.py: LLaDA's generation_config
+        lists only `<|endoftext|>`), as vLLM adds generation_config's extra EOS ids."""
+        eot = self.end_of_turn_id
+        if eot is None or params.ignore_eos or eot == params.eos_token_id:
+            return
+        if eot not in (params.stop_token_ids or ()):
+            params.stop_token_ids = [*(params.stop_token_ids or ()), eot]
+        params.all_stop_token_ids.add(eot)
+
+    def _check_fits_kv_cache(self, kv_tokens: int, params) -> None:
         """A canvas larger than the whole KV cache would wait forever."""
         block_size = self.cache_config.block_size
-        needed = -(-(request.num_prompt_tokens + gen_length) // block_size)
+        needed = -(-kv_tokens // block_size)
         total = self.kv_cache_config.num_blocks - 1  # block 0 is vLLM's null block
         if needed > total:
             raise InvalidDiffusionOption(
+                "cfg_scale" if params.extra_args and params.extra_args.get("cfg_scale") else
                 length_option(params.extra_args),
                 f"the canvas needs {needed} KV blocks of {block_size} tokens; "
                 f"the whole KV cache has {total}",
@@ -162,7 +181,8 @@ class DiffusionScheduler(Scheduler):
             for req in new_requests
         ]
         for req in new_requests:
-            req.num_computed_tokens = num_scheduled[req.request_id]
+            # its KV slots are all allocated and written by this step
+            req.num_computed_tokens = self.records[req.request_id].kv_tokens
         cached = CachedRequestData(
             req_ids=[r.request_id for r in running],
             resumed_req_ids=set(),
@@ -191,14 +211,15 @@ class DiffusionScheduler(Scheduler):
         """Admit waiting requests, in queue order, while rows and KV blocks last."""
         while self.waiting and len(self.running) < self.max_num_running_reqs:
             request = self.waiting.peek_request()
-            rows = self.records[request.request_id].next_num_rows
+            record = self.records[request.request_id]
+            rows = record.next_num_rows
             if rows > plan.token_budget:
                 self._budget_blocked = request.request_id
                 break
-            blocks = self.kv_cache_manager.allocate_slots(request, rows)
+            blocks = self.kv_cache_manager.allocate_slots(request, record.kv_tokens)
             while blocks is None and (victim := self._preemption_victim(request)) is not None:
                 self._preempt(victim, plan)
-                blocks = self.kv_cache_manager.allocate_slots(request, rows)
+                blocks = self.kv_cache_manager.allocate_slots(request, record.kv_tokens)
             if blocks is None:
                 break  # KV cache full: wait for a running request to finish
             self.waiting.pop_request()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from surelock_vllm.diffusion.options import DiffusionOptions
 from surelock_vllm.diffusion.random import GUMBEL, REMASK_SCORE, request_seed, uniform_matrix, uniform_rows
+from surelock_vllm.diffusion.sampling import ban_token, hold_back_tokens
 
 
 def add_gumbel_noise(logits: torch.Tensor, temperature: float, seed: int, step: int, positions: torch.Tensor) -> torch.Tensor:
@@ -50,6 +51,30 @@ def _keys(seed: int, step: int, positions: torch.Tensor):
 def top_k(confidence: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest confidences, ties to the lower index."""
     return torch.argsort(confidence, descending=True, stable=True)[:k]
+
+
+def x0_and_confidence(
+    row_logits: torch.Tensor,
+    positions: torch.Tensor,
+    options: DiffusionOptions,
+    seed: int,
+    step: int,
+    eos_id: int | None = None,
+    eot_id: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaDA's x0 and confidence (float64) for the block's masked rows at `positions`."""
+    if options.logits_eos_inf:
+        row_logits = ban_token(row_logits, torch.ones(row_logits.shape[0], dtype=torch.bool), eos_id)
+    x0 = torch.argmax(add_gumbel_noise(row_logits, options.temperature, seed, step, positions), dim=-1)
+    if options.remasking == "low_confidence":
+        probs = F.softmax(row_logits.float(), dim=-1)
+        confidence = torch.gather(probs, -1, x0[:, None]).squeeze(-1).double()
+    else:  # random
+        confidence = random_scores(seed, step, positions)
+    if options.confidence_eos_eot_inf:
+        held = [t for t in (eos_id, eot_id) if t is not None]
+        confidence = hold_back_tokens(confidence, x0, torch.ones_like(x0, dtype=torch.bool), held)
+    return x0, confidence
 
 
 def get_num_transfer_tokens(num_masked: int, steps: int) -> list[int]:
@@ -83,16 +108,20 @@ def reference_generate(
     options: DiffusionOptions,
     mask_id: int,
     seed: int = 0,
+    eos_id: int | None = None,
+    eot_id: int | None = None,
 ) -> list[int]:
     """Denoise `prompt + gen_length` masks; returns the generated ids (all of them).
 
-    `model(ids[L]) -> logits[L, V]` runs on the whole canvas at every step,
-    exactly like LLaDA's script with batch size 1 and cfg_scale 0.
+    `model(ids[L]) -> logits[L, V]` runs on the whole canvas at every step
+    (twice with `cfg_scale`), exactly like LLaDA's script with batch size 1.
+    `eos_id` / `eot_id`: end-of-text and end-of-turn, for the EOS options.
     """
     p = len(prompt)
     gen, block_length = options.gen_length, options.block_length
     x = torch.full((p + gen,), mask_id, dtype=torch.long)
     x[:p] = torch.tensor(prompt, dtype=torch.long)
+    prompt_index = x != mask_id  # LLaDA's: what the unconditional canvas masks
     num_blocks = gen // block_length
     steps_per_block = options.steps // num_blocks
     step_index = 0
@@ -103,24 +132,23 @@ def reference_generate(
         )
         for step in range(steps_per_block):
             mask_index = x == mask_id
-            logits = model(x)
+            if options.cfg_scale > 0:
+                un_x = x.clone()
+                un_x[prompt_index] = mask_id
+                logits, un_logits = model(x).float(), model(un_x).float()
+                logits = un_logits + (options.cfg_scale + 1) * (logits - un_logits)
+            else:
+                logits = model(x)
             # Random numbers only for the block's masked rows (module docstring).
             rows = mask_index.clone()
             rows[:start] = False
             rows[end:] = False
             x0 = x.clone()
             x0_p = torch.full(x.shape, -torch.inf, dtype=torch.float64)
-            row_logits = logits[rows]
-            if row_logits.shape[0] > 0:
+            if rows.any():
                 positions = rows.nonzero().squeeze(-1)
-                x0[rows] = torch.argmax(
-                    add_gumbel_noise(row_logits, options.temperature, seed, step_index, positions), dim=-1
-                )
-                if options.remasking == "low_confidence":
-                    probs = F.softmax(row_logits.float(), dim=-1)
-                    x0_p[rows] = torch.gather(probs, -1, x0[rows][:, None]).squeeze(-1).double()
-                else:  # random
-                    x0_p[rows] = random_scores(seed, step_index, positions)
+                x0[rows], x0_p[rows] = x0_and_confidence(
+                    logits[rows], positions, options, seed, step_index, eos_id, eot_id)
             # LLaDA: positions past the block and unmasked ones never transfer.
             x0_p[end:] = -torch.inf
             confidence = torch.where(mask_index, x0_p, -torch.inf)

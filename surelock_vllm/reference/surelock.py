@@ -11,17 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.diffusion.lock_rule import LockState
 from surelock_vllm.reference.sampler import (
-    add_gumbel_noise,
     block_finished,
     get_num_transfer_tokens,
     num_to_transfer,
-    random_scores,
     top_k,
+    x0_and_confidence,
 )
 
 
@@ -40,7 +38,11 @@ def reference_generate_surelock(
     lock_options: SureLockOptions,
     mask_id: int,
     seed: int = 0,
+    eos_id: int | None = None,
+    eot_id: int | None = None,
 ) -> SureLockRun:
+    if options.cfg_scale > 0:
+        raise ValueError("classifier-free guidance is not combined with SureLock")
     p = len(prompt)
     x = torch.full((p + options.gen_length,), mask_id, dtype=torch.long)
     x[:p] = torch.tensor(prompt, dtype=torch.long)
@@ -68,17 +70,10 @@ def reference_generate_surelock(
             # LLaDA's unmasking rule, random numbers for the block's masked rows only
             x0 = x.clone()
             x0_p = torch.full(x.shape, -torch.inf, dtype=torch.float64)
-            row_logits = logits[block_masked]
-            if row_logits.shape[0] > 0:
-                positions = block_masked.nonzero().squeeze(-1)
-                x0[block_masked] = torch.argmax(
-                    add_gumbel_noise(row_logits, options.temperature, seed, step_index, positions), dim=-1
-                )
-                if options.remasking == "low_confidence":
-                    probs = F.softmax(row_logits, dim=-1)
-                    x0_p[block_masked] = torch.gather(probs, -1, x0[block_masked][:, None]).squeeze(-1).double()
-                else:
-                    x0_p[block_masked] = random_scores(seed, step_index, positions)
+            if block_masked.any():
+                x0[block_masked], x0_p[block_masked] = x0_and_confidence(
+                    logits[block_masked], block_masked.nonzero().squeeze(-1), options, seed, step_index,
+                    eos_id, eot_id)
             confidence = torch.where(mask_index, x0_p, -torch.inf)
             k = num_to_transfer(confidence, options, schedule, step, int(block_masked.sum()))
             if k > 0:

@@ -1,10 +1,15 @@
 """Build a small random-weight checkpoint in LLaDA-8B-Instruct's exact format.
 
 Same config keys, same weight names, a real (byte-level BPE) tokenizer with
-LLaDA's special tokens and chat template, a generation_config: the files the
-vLLM plugin and the plain-torch reference load for the real model.
+LLaDA's special tokens and chat template, and LLaDA-8B-Instruct's
+generation_config (only `<|endoftext|>` as EOS; the engine adds the
+end-of-turn stop itself): the files the vLLM plugin and the plain-torch
+reference load for the real model.
 
     python -m surelock_vllm.tools.make_checkpoint checkpoints/llada-tiny
+    python -m surelock_vllm.tools.make_checkpoint out/llada-small-126k --preset small-126k
+    # a trained checkpoint's weights on LLaDA-8B's vocabulary and special-token ids:
+    python -m surelock_vllm.tools.make_checkpoint out/llada-trained-126k --from checkpoints/llada-small
 """
 
 from __future__ import annotations
@@ -193,6 +198,17 @@ def random_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
     return sd
 
 
+def generation_config(tokenizer) -> dict:
+    """GSAI-ML/LLaDA-8B-Instruct's generation_config.json: one EOS id, `<|endoftext|>`
+    (126081), though a chat turn ends with `<|eot_id|>` (126348)."""
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "transformers_version": "4.46.3",
+    }
+
+
 def write_checkpoint(
     out: Path,
     preset: str = "tiny",
@@ -200,27 +216,58 @@ def write_checkpoint(
     max_sequence_length: int = 1024,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
+    tokenizer = build_tokenizer(llada_vocab=PRESETS[preset].get("vocab") == "llada")
+    return _write(Path(out), tokenizer, PRESETS[preset], max_sequence_length, state_dict, seed)
+
+
+def _write(out: Path, tokenizer, shape: dict, max_sequence_length: int,
+           state_dict: dict[str, torch.Tensor] | None, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(llada_vocab=PRESETS[preset].get("vocab") == "llada")
     tokenizer.save_pretrained(out)
-    config = llada_config(tokenizer, PRESETS[preset], max_sequence_length)
+    config = llada_config(tokenizer, shape, max_sequence_length)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    generation_config = {
-        "bos_token_id": tokenizer.bos_token_id,
-        # The answer ends at the first EOS or end-of-turn, as in LLaDA's chat use.
-        "eos_token_id": [tokenizer.eos_token_id, eot],
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(generation_config(tokenizer), indent=2) + "\n")
     if state_dict is None:
         state_dict = random_state_dict(config, seed)
     state_dict = {k: t.to(torch.bfloat16).contiguous() for k, t in state_dict.items()}
     save_file(state_dict, out / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+def write_on_llada_vocab(src: Path, out: Path) -> Path:
+    """`src`'s weights with LLaDA-8B's vocabulary (126,464 ids) and special-token ids.
+
+    Every token of `src` keeps its embedding and LM-head row under its id in
+    the new vocabulary (bytes keep theirs; the specials move to 126080-126348).
+    The reserved ids between are never input (no text encodes to them) and
+    get the LM-head row of the mask token, which training never targets, so
+    they are not predicted either. A trained model so keeps its answers and
+    its end-of-turn habits at the real vocabulary's cost and ids.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    src = Path(src)
+    old_config = json.loads((src / "config.json").read_text())
+    old_vocab = AutoTokenizer.from_pretrained(src).get_vocab()
+    tokenizer = build_tokenizer(llada_vocab=True)
+    new_vocab = tokenizer.get_vocab()
+    old_ids = torch.tensor(list(old_vocab.values()))
+    new_ids = torch.tensor([new_vocab[t] for t in old_vocab])
+    state = load_file(src / "model.safetensors")
+    wte, head = "model.transformer.wte.weight", "model.transformer.ff_out.weight"
+    embedding = torch.zeros((LLADA_VOCAB_SIZE, state[wte].shape[1]), dtype=state[wte].dtype)
+    embedding[new_ids] = state[wte][old_ids]
+    lm_head = state[head][old_config["mask_token_id"]].repeat(LLADA_VOCAB_SIZE, 1)
+    lm_head[new_ids] = state[head][old_ids]
+    state[wte], state[head] = embedding, lm_head
+    shape = {
+        "d_model": old_config["d_model"], "n_heads": old_config["n_heads"], "n_layers": old_config["n_layers"],
+        "mlp_hidden_size": old_config["mlp_hidden_size"], "rope_theta": old_config["rope_theta"],
+    }
+    return _write(Path(out), tokenizer, shape, old_config["max_sequence_length"], state)
 
 
 def main() -> None:
@@ -229,8 +276,14 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-sequence-length", type=int, default=1024)
+    parser.add_argument("--from", dest="source", type=Path, default=None,
+                        help="re-lay this checkpoint's weights on LLaDA-8B's vocabulary and special-token ids "
+                             "(--preset and --seed do not apply)")
     args = parser.parse_args()
-    path = write_checkpoint(args.out, args.preset, args.seed, args.max_sequence_length)
+    if args.source is not None:
+        path = write_on_llada_vocab(args.source, args.out)
+    else:
+        path = write_checkpoint(args.out, args.preset, args.seed, args.max_sequence_length)
     print(f"wrote {path}")
 
 
