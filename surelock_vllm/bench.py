@@ -126,6 +126,11 @@ class PeakRSS:
 def run_engine(llm, prompts, params):
     from surelock_vllm.stats import surelock_stats
 
+    # Each run's peak from a trimmed heap: glibc keeps freed memory resident,
+    # and the engine serves every run of a cell, so without this a run's peak
+    # would also hold what the previous configuration freed (worker method,
+    # engine/debug.py: gc, then malloc_trim).
+    llm.collective_rpc("memory_report")
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -392,8 +397,9 @@ def markdown_report(report: dict) -> str:
         "lock candidates Z for SureLock). `effic.` is the wall-clock speedup over no-lock divided by",
         "the speedup `+LM head` implies. `x ref` is throughput relative to the plain-torch reference",
         "sampler (LLaDA's loop, full canvas every step, batch 1). `agree` is token agreement with",
-        "no-lock. `peak MB` is the peak resident memory of the engine processes during the run",
-        "(of the benchmark process for the reference). `steps` is the steps taken over the fixed",
+        "no-lock. `peak MB` is the peak resident memory of the engine processes during the run,",
+        "each run starting from a trimmed heap (of the benchmark process for the reference).",
+        "`steps` is the steps taken over the fixed",
         "schedule's (below 1 with a confidence threshold, `thr=`; FLOPs, dense, attn and rows then",
         "compare with no-lock at the same steps, `+LM head` and `effic.` with fixed-step no-lock).",
         "",

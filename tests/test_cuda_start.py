@@ -31,7 +31,8 @@ def cuda_like_config(**model):
         scheduler_config=SimpleNamespace(scheduler_cls=None, async_scheduling=True),
         parallel_config=SimpleNamespace(worker_cls="auto", pipeline_parallel_size=1),
         cache_config=SimpleNamespace(enable_prefix_caching=True),
-        model_config=SimpleNamespace(enforce_eager=False, **model),
+        model_config=SimpleNamespace(enforce_eager=False, override_generation_config={}, generation_config="vllm",
+                                     **model),
     )
 
 
@@ -48,6 +49,8 @@ def test_config_hook_resolves_what_the_cuda_path_needs(monkeypatch, no_runner_ch
     # no flag from the user: V1 runner, no torch.compile / CUDA graphs
     assert os.environ[V2] == "0"
     assert config.model_config.enforce_eager is True
+    # LLaDA's default temperature, 0, for requests that give none
+    assert config.model_config.override_generation_config == {"temperature": 0.0}
 
 
 def test_an_explicit_v2_runner_is_refused_by_name(monkeypatch):
@@ -75,6 +78,7 @@ def test_real_vllm_config_gets_the_v1_runner_and_no_cuda_graphs(monkeypatch, no_
     assert config.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
     assert config.compilation_config.mode == CompilationMode.NONE
     assert config.scheduler_config.scheduler_cls == config_hook.SCHEDULER_CLS
+    assert config.model_config.get_diff_sampling_param()["temperature"] == 0.0
     # without the hook's environment, vLLM would have chosen V2 here
     monkeypatch.delenv(V2)
     assert type(config).use_v2_model_runner.fget(config) is True

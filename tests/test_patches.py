@@ -140,6 +140,7 @@ def test_request_validation_raises_400_error_naming_the_parameter():
     config = SimpleNamespace(
         model_config=SimpleNamespace(architecture="LLaDAModelLM", max_model_len=1024),
         scheduler_config=SimpleNamespace(max_num_batched_tokens=2048),
+        cache_config=SimpleNamespace(block_size=16),
         additional_config={},
     )
     request = SimpleNamespace(prompt_token_ids=[1, 2, 3],

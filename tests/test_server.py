@@ -181,7 +181,7 @@ BAD_REQUESTS = [
     ({"vllm_xargs": {"surelock_confidence_gate": 2.0}}, "surelock_confidence_gate"),
     ({"vllm_xargs": {"confidence_threshold": 1.5}}, "confidence_threshold"),
     ({"vllm_xargs": {"confidence_threshold": 0.9, "remasking": "random"}}, "confidence_threshold"),
-    ({"top_p": 0.9}, "top_p"),
+    ({"top_p": 0.9, "temperature": 0.7}, "top_p"),  # (at the default temperature 0 vLLM drops top_p itself)
     ({"logprobs": 2}, "logprobs"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"min_tokens": 4}, "min_tokens"),
