@@ -104,7 +104,7 @@ class DiffusionScheduler(Scheduler):
             canvas_len = request.num_prompt_tokens + resolved["options"]["gen_length"]
             guided = resolved["options"]["cfg_scale"] > 0
             kv_tokens = guided_kv_tokens(canvas_len, self.cache_config.block_size) if guided else canvas_len
-            self._check_fits_kv_cache(kv_tokens, params)
+            self._check_fits_kv_cache(kv_tokens, params, guided)
         except InvalidDiffusionOption as err:
             logger.warning("request %s rejected: %s", request.request_id, err)
             self.rejected[request.request_id] = str(err)
@@ -135,15 +135,14 @@ class DiffusionScheduler(Scheduler):
             params.stop_token_ids = [*(params.stop_token_ids or ()), eot]
         params.all_stop_token_ids.add(eot)
 
-    def _check_fits_kv_cache(self, kv_tokens: int, params) -> None:
-        """A canvas larger than the whole KV cache would wait forever."""
+    def _check_fits_kv_cache(self, kv_tokens: int, params, guided: bool) -> None:
+        """A canvas (two with guidance) larger than the whole KV cache would wait forever."""
         block_size = self.cache_config.block_size
         needed = -(-kv_tokens // block_size)
         total = self.kv_cache_config.num_blocks - 1  # block 0 is vLLM's null block
         if needed > total:
             raise InvalidDiffusionOption(
-                "cfg_scale" if params.extra_args and params.extra_args.get("cfg_scale") else
-                length_option(params.extra_args),
+                "cfg_scale" if guided else length_option(params.extra_args),
                 f"the canvas needs {needed} KV blocks of {block_size} tokens; "
                 f"the whole KV cache has {total}",
             )
