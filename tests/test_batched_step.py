@@ -223,9 +223,9 @@ def test_eos_options_ban_the_logit_and_hold_back_the_confidence():
     assert banned[:, 5].tolist() == [-torch.inf, 0.0, -torch.inf] and bool((logits == 0).all())  # a copy
     score = torch.tensor([0.9, 0.8, 0.7], dtype=torch.float64)
     x0 = torch.tensor([5, 6, 1])
-    held = hold_back_tokens(score, x0, torch.tensor([True, True, True]), [5, 6])
+    held = hold_back_tokens(score, x0, None, (5, 6, None))
     assert held.tolist() == [HELD_BACK_SCORE, HELD_BACK_SCORE, 0.7]
-    assert hold_back_tokens(score, x0, rows, [5, 6]).tolist() == [HELD_BACK_SCORE, 0.8, 0.7]
+    assert hold_back_tokens(score, x0, rows, (5, 6)).tolist() == [HELD_BACK_SCORE, 0.8, 0.7]
     # held-back positions go last among the block's masked rows, ties to the earlier one
     chosen = top_k_per_group(held, torch.zeros(3, dtype=torch.long), torch.tensor([2]))
     assert chosen.tolist() == [True, False, True]

@@ -425,8 +425,7 @@ class DiffusionBatch:
         )
         del sampling_logits
         if any(i.hold_eos_eot for i in infos):
-            held = [t for t in (self.eos_id, self.eot_id) if t is not None]
-            score = hold_back_tokens(score, x0, self.hold_eos_eot[slot], held)
+            score = hold_back_tokens(score, x0, self.hold_eos_eot[slot], (self.eos_id, self.eot_id))
         k = num_transfer(self.block_length[index], self.steps_per_block[index], self.step_in_block[index])
         any_adaptive = any(i.adaptive for i in infos)
         if any_adaptive:

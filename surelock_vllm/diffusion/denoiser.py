@@ -190,13 +190,13 @@ def llada_transfer(
     seeds, steps = per_row(seed, torch.long), per_row(step, torch.long)
     random = options.remasking == "random"
     if options.logits_eos_inf:
-        logits = ban_token(logits, per_row(True, torch.bool), eos_id)
+        logits = ban_token(logits, None, eos_id)
     x0, score = x0_and_score(
         logits, per_row(options.temperature, torch.float64), per_row(random, torch.bool),
         seeds, steps, positions, options.temperature > 0, random,
     )
     if options.confidence_eos_eot_inf:
-        score = hold_back_tokens(score, x0, per_row(True, torch.bool), [t for t in (eos_id, eot_id) if t is not None])
+        score = hold_back_tokens(score, x0, None, (eos_id, eot_id))
     group = per_row(0, torch.long)
     if options.confidence_threshold is not None:
         k = int(threshold_num_transfer(

@@ -115,20 +115,22 @@ def x0_and_score(
 HELD_BACK_SCORE = -1.0
 
 
-def ban_token(logits: torch.Tensor, rows: torch.Tensor, token_id: int) -> torch.Tensor:
-    """LLaDA's `logits_eos_inf`: `token_id` gets logit -inf in the `rows` (bool [rows]).
+def ban_token(logits: torch.Tensor, rows: torch.Tensor | None, token_id: int) -> torch.Tensor:
+    """LLaDA's `logits_eos_inf`: `token_id` gets logit -inf in the `rows` (bool [rows]; None: all).
 
     Returns a new tensor; the caller's logits (which the lock test may read) are untouched."""
     banned = logits.clone()
-    banned[rows, token_id] = -torch.inf
+    banned[slice(None) if rows is None else rows, token_id] = -torch.inf
     return banned
 
 
-def hold_back_tokens(score: torch.Tensor, x0: torch.Tensor, rows: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
-    """LLaDA's `confidence_eos_eot_inf`: in the `rows` (bool), a position whose x0 is one of
-    `token_ids` (end-of-text, end-of-turn) scores HELD_BACK_SCORE, so it is unmasked after
-    every other masked position of its block (ties to the earlier position) and never
-    passes a confidence threshold.
+def hold_back_tokens(
+    score: torch.Tensor, x0: torch.Tensor, rows: torch.Tensor | None, token_ids: tuple[int | None, ...]
+) -> torch.Tensor:
+    """LLaDA's `confidence_eos_eot_inf`: in the `rows` (bool; None: all), a position whose x0 is
+    one of `token_ids` (end-of-text, end-of-turn; None: the model has no such token) scores
+    HELD_BACK_SCORE, so it is unmasked after every other masked position of its block (ties
+    to the earlier position) and never passes a confidence threshold.
 
     This is the option as its name and LLaDA's Appendix B.4 state it. LLaDA's
     current generate.py line, `logits_with_noise[:, :, 126081] = logits[:, :, 126348]
@@ -139,10 +141,11 @@ def hold_back_tokens(score: torch.Tensor, x0: torch.Tensor, rows: torch.Tensor, 
     step could transfer fewer tokens than scheduled; a score just below every
     masked position's keeps the schedule.
     """
-    hit = torch.zeros_like(rows)
+    hit = torch.zeros_like(x0, dtype=torch.bool)
     for token_id in token_ids:
-        hit |= x0 == token_id
-    return torch.where(rows & hit, HELD_BACK_SCORE, score)
+        if token_id is not None:
+            hit |= x0 == token_id
+    return torch.where(hit if rows is None else rows & hit, HELD_BACK_SCORE, score)
 
 
 def top_k_per_group(score: torch.Tensor, group: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,7 @@ def x0_and_confidence(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LLaDA's x0 and confidence (float64) for the block's masked rows at `positions`."""
     if options.logits_eos_inf:
-        row_logits = ban_token(row_logits, torch.ones(row_logits.shape[0], dtype=torch.bool), eos_id)
+        row_logits = ban_token(row_logits, None, eos_id)
     x0 = torch.argmax(add_gumbel_noise(row_logits, options.temperature, seed, step, positions), dim=-1)
     if options.remasking == "low_confidence":
         probs = F.softmax(row_logits.float(), dim=-1)
@@ -72,8 +72,7 @@ def x0_and_confidence(
     else:  # random
         confidence = random_scores(seed, step, positions)
     if options.confidence_eos_eot_inf:
-        held = [t for t in (eos_id, eot_id) if t is not None]
-        confidence = hold_back_tokens(confidence, x0, torch.ones_like(x0, dtype=torch.bool), held)
+        confidence = hold_back_tokens(confidence, x0, None, (eos_id, eot_id))
     return x0, confidence
 
 
