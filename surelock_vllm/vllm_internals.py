@@ -52,6 +52,13 @@ INTERNALS: list[tuple[str, str, str]] = [
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend", "SureLockCPUAttentionBackend subclasses it"),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder",
      "subclassed; build() is called with causal=False row metadata"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward",
+     "SureLockCPUAttentionImpl overrides it (contiguous path), falling back to it for other cache layouts"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadata",
+     "SureLockCPUAttentionMetadata subclasses it and copies its fields"),
+    ("vllm._custom_ops", "cpu_attn_reshape_and_cache",
+     "its 'vec' layout (per block and head: K transposed, then V) is what attention_cpu.gather_kv reads; "
+     "tests/test_attention_cpu.py writes with it and reads back"),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.do_kv_cache_update",
      "writes rows' K/V to their slots; also used to locate a slot's elements for the trace (engine/debug.py)"),
     ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl.do_kv_cache_update",
@@ -101,6 +108,17 @@ INSTANCE_ATTRIBUTES: list[tuple[str, str, str, str]] = [
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "device", "__init__"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "cache_config", "__init__"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "kv_cache_config", "initialize_kv_cache"),
+    # the contiguous CPU attention path runs only for the cache layout, dtype and
+    # options it reads (engine/attention_cpu.py)
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder", "isa", "__init__"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder", "kv_cache_dtype", "__init__"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder", "window_size", "__init__"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder", "block_size", "__init__"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "alibi_slopes", "__init__"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "sinks", "__init__"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "logits_soft_cap", "__init__"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "sliding_window", "__init__"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "scale", "__init__"),
     ("vllm.v1.core.sched.scheduler", "Scheduler", "finished_req_ids_dict", "__init__"),
     ("vllm.v1.core.sched.scheduler", "Scheduler", "max_num_scheduled_tokens", "__init__"),
     ("vllm.v1.core.sched.scheduler", "Scheduler", "max_num_running_reqs", "__init__"),
@@ -126,6 +144,10 @@ REQUIRED_FIELDS: dict[tuple[str, str], tuple[str, ...]] = {
         "new_block_ids", "num_computed_tokens", "num_output_tokens",
     ),
     ("vllm.v1.outputs", "ModelRunnerOutput"): ("req_ids", "req_id_to_index", "sampled_token_ids"),
+    # read by the contiguous CPU attention path
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadata"): (
+        "num_actual_tokens", "max_query_len", "max_seq_len", "query_start_loc", "seq_lens", "block_table",
+    ),
     # the config hook defaults the temperature to 0 through override_generation_config
     ("vllm.config.model", "ModelConfig"): ("override_generation_config", "generation_config"),
 }

@@ -59,6 +59,8 @@ class DiffusionWorkerDebugMixin:
             "rss_trimmed_bytes": _rss_bytes() if libc is not None else -1,
             "heap_in_use_bytes": info.uordblks + info.hblkhd if info is not None else -1,
             "diffusion_states": len(self.model_runner.diffusion_batch()),
+            # oneDNN's process-wide primitive cache (engine/worker_cpu.py); -1: its default
+            "onednn_primitive_cache_capacity": int(os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", -1)),
         }
 
 
