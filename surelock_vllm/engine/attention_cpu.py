@@ -11,8 +11,8 @@ writer chose (its ISA):
   `scaled_dot_product_attention` on all sequences at once, queries padded to
   the longest sequence's rows. At a d_model-256 LLaDA's shapes (8 heads of 32,
   290-key canvases, batch 8) on 2 cores this is 1.3x (128 rows a canvas) to
-  1.9x (whole canvases) faster than CPU_ATTN's vec kernel, which walks the
-  blocks row by row instead of handing matrix products to oneDNN.
+  1.9x (whole canvases) faster than CPU_ATTN's vec kernel (microbenchmark;
+  no-lock's whole step became 1.30x faster).
 * any other layout (AMX packs keys for its tiles): vLLM's kernel.
 
 Either way the result is non-causal attention of every computed row over its
