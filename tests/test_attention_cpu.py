@@ -15,6 +15,7 @@ from surelock_vllm.engine.attention_cpu import (
     SureLockCPUAttentionMetadata,
     contiguous_attention,
     gather_kv,
+    padded_rows_layout,
 )
 
 BLOCK = 32
@@ -58,21 +59,28 @@ def test_gather_kv_reads_what_vllms_writer_wrote(dtype):
 
 
 def _metadata(cache, table, canvas_lens, query_lens):
+    """The metadata `SureLockCPUMetadataBuilder.build` makes, from the same `padded_rows_layout`."""
     query_start = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
     seq_lens = torch.tensor(canvas_lens, dtype=torch.int32)
-    seqs, max_q, max_len = len(canvas_lens), max(query_lens), max(canvas_lens)
-    rows = None
-    if min(query_lens) != max_q:
-        rows = torch.cat([torch.arange(q) + i * max_q for i, q in enumerate(query_lens)])
-    mask = None
-    if min(canvas_lens) != max_len:
-        mask = (torch.arange(max_len) < seq_lens[:, None].long())[:, None, None, :]
+    max_q, max_len = max(query_lens), max(canvas_lens)
+    rows, mask = padded_rows_layout(query_start, seq_lens, max_q, max_len)
     return SureLockCPUAttentionMetadata(
         num_actual_tokens=int(query_start[-1]), max_query_len=max_q, query_start_loc=query_start,
         max_seq_len=max_len, seq_lens=seq_lens, block_table=table, slot_mapping=torch.zeros(0, dtype=torch.long),
         scheduler_metadata=None, causal=False,
         kv_blocks=table[:, : -(-max_len // BLOCK)].long(), query_rows=rows, key_mask=mask,
     )
+
+
+def test_padded_rows_layout():
+    # three sequences: 2, 4 and 1 computed rows of canvases 5, 7 and 6 keys long
+    rows, mask = padded_rows_layout(torch.tensor([0, 2, 6, 7]), torch.tensor([5, 7, 6]), 4, 7)
+    assert rows.tolist() == [0, 1, 4, 5, 6, 7, 8]
+    assert mask.shape == (3, 1, 1, 7)
+    assert mask[:, 0, 0].sum(-1).tolist() == [5, 7, 6]
+    assert mask[0, 0, 0].tolist() == [True] * 5 + [False] * 2
+    # whole canvases of one length: nothing to pad or mask
+    assert padded_rows_layout(torch.tensor([0, 3, 6]), torch.tensor([3, 3]), 3, 3) == (None, None)
 
 
 def _vllm_kernel(query, cache, meta, heads, dim, scale):

@@ -275,3 +275,16 @@ def test_most_aggressive_locking_still_computes_every_step(llm, ref_model, token
         rows = [len(r["query_positions"]) for r in trace]
         assert rows == ref.rows_per_step and len(rows) == 32
         assert min(rows) >= 1 and rows[-1] < len(prompt) // 2  # the prompt is locked by the end
+
+
+def test_cpu_worker_bounds_onednn_primitive_cache(llm):
+    """SureLock's row counts change every step; oneDNN's process-wide primitive cache
+    (1024 entries by default) kept ~250 MB of primitives for them at the 126k vocabulary.
+    The CPU worker bounds it unless the user set their own value."""
+    import os
+
+    from surelock_vllm.engine.worker_cpu import ONEDNN_PRIMITIVE_CACHE_CAPACITY
+
+    expected = int(os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_PRIMITIVE_CACHE_CAPACITY))
+    report = llm.collective_rpc("memory_report")[0]
+    assert report["onednn_primitive_cache_capacity"] == expected
