@@ -59,12 +59,6 @@ INTERNALS: list[tuple[str, str, str]] = [
     ("vllm._custom_ops", "cpu_attn_reshape_and_cache",
      "its 'vec' layout (per block and head: K transposed, then V) is what attention_cpu.gather_kv reads; "
      "tests/test_attention_cpu.py writes with it and reads back"),
-    ("vllm.v1.attention.backends.utils", "PAD_SLOT_ID",
-     "engine/rows.PAD_SLOT_ID: padding rows (RecentRowCounts) carry it so the KV writers skip them; "
-     "tests/test_attention_cpu.py checks the CPU writer does"),
-    ("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm",
-     "its oneDNN linear keeps 32 matmul primitives per layer (create_onednn_mm(..., 32)); "
-     "RecentRowCounts reuses at most 16 recent row counts so the one it picks is still cached"),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.do_kv_cache_update",
      "writes rows' K/V to their slots; also used to locate a slot's elements for the trace (engine/debug.py)"),
     ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl.do_kv_cache_update",

@@ -127,21 +127,3 @@ def test_contiguous_attention_matches_vllms_kernel(canvas_lens, query_lens):
     n = canvas_lens[last]
     weights = torch.softmax((row[:, None, :] * k[last, :, :n]).sum(-1) * dim**-0.5, dim=-1)
     torch.testing.assert_close(ours[-1], (weights[:, :, None] * v[last, :, :n]).sum(1), rtol=1e-5, atol=1e-5)
-
-
-def test_vllms_writer_skips_padding_rows():
-    # engine/rows.pad_rows gives padding rows PAD_SLOT_ID; vLLM's CPU writer
-    # must leave the cache alone for them (its GPU writers do the same).
-    from surelock_vllm.engine.rows import PAD_SLOT_ID
-
-    heads, dim, blocks = 2, 32, 3
-    cache = torch.zeros((blocks, heads, BLOCK, 2 * dim))
-    key_cache, value_cache = cache.view(blocks, heads, 2 * BLOCK, dim).chunk(2, dim=2)
-    keys, values = torch.randn(6, heads, dim), torch.randn(6, heads, dim)
-    slots = torch.tensor([BLOCK + 1, BLOCK + 2] + [PAD_SLOT_ID] * 4)
-    ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, CONTIGUOUS_ISA,
-                                   k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
-    k, v = gather_kv(cache, torch.tensor([[0, 1, 2]]), 3 * BLOCK)
-    written = (k[0] != 0).any(-1).any(0) | (v[0] != 0).any(-1).any(0)
-    assert written.nonzero().flatten().tolist() == [BLOCK + 1, BLOCK + 2]
-    assert torch.equal(k[0, :, BLOCK + 1 : BLOCK + 3], keys[:2].transpose(0, 1))

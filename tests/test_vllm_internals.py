@@ -71,18 +71,3 @@ def test_kv_transfer_params_reaches_request_outputs():
 def test_instance_attributes_are_still_set(module, cls, attr, method):
     source = inspect.getsource(getattr(vi.resolve(module, cls), method))
     assert f"self.{attr}" in source, f"{cls}.{method} no longer sets self.{attr}"
-
-
-def test_row_padding_matches_vllms_pad_slot_and_onednn_cache():
-    """engine/rows.py pads a step's rows with vLLM's PAD_SLOT_ID and stays within oneDNN's per-layer cache."""
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-    from vllm.v1.attention.backends.utils import PAD_SLOT_ID
-
-    from surelock_vllm.engine.rows import PAD_SLOT_ID as OURS, RecentRowCounts
-
-    assert OURS == PAD_SLOT_ID
-    source = inspect.getsource(dispatch_cpu_unquantized_gemm)
-    assert "create_onednn_mm(origin_weight.t(), 32)" in source, (
-        "vLLM's CPU linear no longer keeps 32 oneDNN primitives per layer: revisit RecentRowCounts' capacity"
-    )
-    assert RecentRowCounts(0.1).capacity < 32

@@ -7,12 +7,6 @@ turns "request -> rows, blocks" into the flat tensors every attention kernel
 takes: token ids, positions, slot mapping, query start offsets, sequence
 lengths and a block table. The CPU and CUDA paths use the same layout; only
 the kernel that consumes it differs.
-
-A platform may run the model on more rows than the step computes
-(`RecentRowCounts`, `pad_rows`): padded rows read token 0 at position 0,
-write no K/V (slot `PAD_SLOT_ID`) and are not attention queries
-(`num_actual_tokens` counts the step's rows only), so they change nothing
-the step reads.
 """
 
 from __future__ import annotations
@@ -20,11 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-
-# vLLM's "no slot" value: its KV writers skip these rows
-# (vllm.v1.attention.backends.utils.PAD_SLOT_ID; checked in tests/test_vllm_internals.py).
-PAD_SLOT_ID = -1
 
 
 @dataclass
@@ -102,52 +91,4 @@ def build_step_layout(requests: list[RequestRows], block_size: int) -> StepLayou
         logit_rows=torch.cat(logit_rows),
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
-    )
-
-
-class RecentRowCounts:
-    """The row count a step's model runs at: a recently used one, if close enough.
-
-    Why: vLLM's CPU linear layers (oneDNN) build a matmul primitive for each
-    new row count and keep the last 32 per layer. No-lock repeats its count
-    (whole canvases), but SureLock's count changes almost every step, and a
-    new count cost 1.3 to 2.1 ms per linear layer at a d_model-256 LLaDA's
-    shapes on this CPU (16 linear layers: about 20 ms of a 130 ms step).
-    Padding a step to a count used in the last `capacity` steps, at most
-    `max_padding` more rows, makes most of those builds cache hits; a count
-    that repeats is never padded. `capacity` stays below oneDNN's 32 so the
-    count picked is still cached.
-    """
-
-    def __init__(self, max_padding: float, capacity: int = 16):
-        if not 0 <= max_padding <= 1 or capacity < 1:
-            raise ValueError(f"max_padding must be in [0, 1] and capacity >= 1, got {max_padding}, {capacity}")
-        self.max_padding = max_padding
-        self.capacity = capacity
-        self._recent: list[int] = []  # least recently used first
-
-    def __call__(self, num_rows: int) -> int:
-        limit = num_rows + int(num_rows * self.max_padding)
-        fits = [count for count in self._recent if num_rows <= count <= limit]
-        count = min(fits) if fits else num_rows
-        if fits:
-            self._recent.remove(count)
-        self._recent.append(count)
-        del self._recent[: -self.capacity]
-        return count
-
-
-def pad_rows(
-    input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, num_input_rows: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The step's rows followed by padding rows up to `num_input_rows` (see the module docstring)."""
-    pad = num_input_rows - input_ids.shape[0]
-    if pad < 0:
-        raise ValueError(f"cannot pad {input_ids.shape[0]} rows to {num_input_rows}")
-    if pad == 0:
-        return input_ids, positions, slot_mapping
-    return (
-        F.pad(input_ids, (0, pad)),
-        F.pad(positions, (0, pad)),
-        F.pad(slot_mapping, (0, pad), value=PAD_SLOT_ID),
     )

@@ -28,7 +28,7 @@ from surelock_vllm.diffusion.batch import BatchPlan, DiffusionBatch
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.engine.debug import StepTrace
 from surelock_vllm.engine.request_options import RESOLVED_KEY
-from surelock_vllm.engine.rows import RecentRowCounts, StepLayout, pad_rows
+from surelock_vllm.engine.rows import StepLayout
 from surelock_vllm.engine.settings import ServerSettings
 from surelock_vllm.engine.special_tokens import special_tokens
 from surelock_vllm.log import get_logger
@@ -56,16 +56,6 @@ class DiffusionRequestState:
 
 class DiffusionRunnerMixin:
     """Mixed into vLLM's CPUModelRunner / GPUModelRunner; replaces execute_model."""
-
-    # Padding a step's rows up to a recently used row count (`RecentRowCounts`):
-    # at most this fraction more rows; 0 runs exactly the step's rows.
-    row_count_padding: float = 0.0
-
-    def _row_counts(self) -> RecentRowCounts | None:
-        if not hasattr(self, "_recent_row_counts"):
-            padding = self.row_count_padding
-            self._recent_row_counts = RecentRowCounts(padding) if padding else None
-        return self._recent_row_counts
 
     def _diffusion_state(self) -> dict[str, DiffusionRequestState]:
         states = getattr(self, "_diffusion_requests", None)
@@ -205,11 +195,7 @@ class DiffusionRunnerMixin:
     def _run_rows(self, layout: StepLayout) -> torch.Tensor:
         """Transformer over the step's rows; final hidden states of the logit rows (on the device)."""
         device = self.device
-        row_counts = self._row_counts()
-        num_input_rows = row_counts(layout.num_rows) if row_counts is not None else layout.num_rows
-        input_ids, positions, slot_mapping = pad_rows(
-            layout.input_ids.to(device), layout.positions.to(device), layout.slot_mapping.to(device), num_input_rows
-        )
+        slot_mapping = layout.slot_mapping.to(device)
         attn_metadata: dict = {}
         slot_mappings: dict = {}
         for groups in self.attn_groups:
@@ -221,8 +207,11 @@ class DiffusionRunnerMixin:
         with set_forward_context(
             attn_metadata,
             self.vllm_config,
-            num_tokens=num_input_rows,
+            num_tokens=layout.num_rows,
             slot_mapping=slot_mappings,
         ):
-            hidden_states = self.model(input_ids=input_ids, positions=positions)
+            hidden_states = self.model(
+                input_ids=layout.input_ids.to(device),
+                positions=layout.positions.to(device),
+            )
         return hidden_states[layout.logit_rows.to(device)]

@@ -13,9 +13,7 @@ from surelock_vllm.engine.runner import DiffusionRunnerMixin
 
 
 class DiffusionCPUModelRunner(DiffusionRunnerMixin, CPUModelRunner):
-    # oneDNN builds a matmul primitive per new row count (engine/rows.py,
-    # RecentRowCounts): pad up to 1/16 more rows to reuse a recent count.
-    row_count_padding = 1 / 16
+    pass
 
 
 # oneDNN's process-wide primitive cache (default 1024 entries) keeps every
