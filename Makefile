@@ -27,7 +27,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-# the CPU benchmark (about an hour here; the 126k cells run each configuration once): the grid on the shipped tiny
+# the CPU benchmark (about an hour and a half here; the 126k cells run two repeats, the eps=0 control once): the grid on the shipped tiny
 # checkpoint (docs/bench/); the headline cell on a random d_model-256, 4-layer
 # LLaDA-format checkpoint built on the spot (docs/bench/small/), where the
 # model's compute, not per-step overhead, dominates a step; and the same body
@@ -44,7 +44,7 @@ bench: setup
 		--out-dir docs/bench/small --no-plots
 	$(PY) -m surelock_vllm.tools.make_checkpoint out/llada-small-126k --preset small-126k
 	$(VENV)/bin/surelock-bench --model out/llada-small-126k --gen-lengths 256 --batch-sizes 8 32 \
-		--eps 5e-3 --control-max-batch 8 --repeats 1 --out-dir docs/bench/small-126k --no-plots
+		--eps 5e-3 --control-max-batch 8 --repeats 2 --out-dir docs/bench/small-126k --no-plots
 	$(VENV)/bin/surelock-bench --model checkpoints/llada-small --gen-lengths 256 --batch-sizes 8 \
 		--eps 5e-3 --thresholds 0.9 --repeats 1 --out-dir docs/bench/trained --no-plots
 
