@@ -34,7 +34,9 @@ test: setup
 # with LLaDA-8B's real vocabulary of 126,464 tokens and its special ids
 # (docs/bench/small-126k/), where the LM head and the lock test over the
 # vocabulary weigh as they do for LLaDA-8B (the eps=0 control at batch 8 only:
-# it computes the LM head over the whole canvas every step); and the trained
+# it computes the LM head over the whole canvas every step), also at
+# gen_length 128, where the lock test costs more than locking saves
+# (docs/bench/small-126k-gen128/); and the trained
 # model with confidence-threshold decoding next to fixed steps
 # (docs/bench/trained/: a threshold means nothing on random weights)
 bench: setup
@@ -45,6 +47,8 @@ bench: setup
 	$(PY) -m surelock_vllm.tools.make_checkpoint out/llada-small-126k --preset small-126k
 	$(VENV)/bin/surelock-bench --model out/llada-small-126k --gen-lengths 256 --batch-sizes 8 32 \
 		--eps 5e-3 --control-max-batch 8 --repeats 2 --out-dir docs/bench/small-126k --no-plots
+	$(VENV)/bin/surelock-bench --model out/llada-small-126k --gen-lengths 128 --batch-sizes 8 \
+		--eps 5e-3 --control-max-batch 0 --repeats 2 --out-dir docs/bench/small-126k-gen128 --no-plots
 	$(VENV)/bin/surelock-bench --model checkpoints/llada-small --gen-lengths 256 --batch-sizes 8 \
 		--eps 5e-3 --thresholds 0.9 --repeats 1 --out-dir docs/bench/trained --no-plots
 
