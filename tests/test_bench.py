@@ -30,3 +30,12 @@ def test_benchmark_cell_with_thresholds_passes_its_correctness_gate(tmp_path, mo
     assert runs["thr=0.6 eps=0.005"]["rows"] < runs["thr=0.6 no-lock"]["rows"]
     table = (out / "bench.md").read_text()
     assert "| thr=0.6 eps=0.005 |" in table and "| steps |" in table
+
+
+def test_gate_message_names_the_eps0_control_only_where_it_ran():
+    full = bench.gate_passed_message(None, [8, 32])
+    assert full.startswith("correctness gate passed: SureLock eps=0 == no-lock, SureLock == plain-torch")
+    assert "(cells up to batch 8)" in bench.gate_passed_message(8, [8, 32])
+    # --control-max-batch below every cell: no cell ran the control, so the gate does not claim it
+    none = bench.gate_passed_message(0, [8])
+    assert "eps=0" not in none and "SureLock == plain-torch SureLock reference" in none

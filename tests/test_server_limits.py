@@ -241,8 +241,8 @@ def _wait_idle(server, timeout_s: float = 120.0) -> dict[str, float]:
 
 def test_soak_memory_per_request_and_kv_back_to_idle(server):
     rng = random.Random(0)
-    jobs = [_soak_job(i, rng) for i in range(700)]
-    warmup, measured = jobs[:300], jobs[300:]
+    jobs = [_soak_job(i, rng) for i in range(1100)]
+    warmup, halves = jobs[:300], (jobs[300:700], jobs[700:])
 
     def run(batch):
         with ThreadPoolExecutor(max_workers=32) as pool:
@@ -250,26 +250,40 @@ def test_soak_memory_per_request_and_kv_back_to_idle(server):
 
     run(warmup)
     idle_before = _wait_idle(server)
-    before = _memory(server)
-    outcomes = run(measured)
-    idle_after = _wait_idle(server)
-    after = _memory(server)
-    growth = {k: (after[k] - before[k]) / len(measured)
+    marks = [_memory(server)]
+    outcomes = []
+    for half in halves:
+        outcomes += run(half)
+        idle_after = _wait_idle(server)
+        marks.append(_memory(server))
+    before, after = marks[0], marks[-1]
+    measured = len(outcomes)
+    growth = {k: (after[k] - before[k]) / measured
               for k in ("api_server", "engine_core", "worker", "worker_trimmed", "worker_heap")}
+    # Measured over 800 requests, not 400: the worker's heap wanders by a few
+    # hundred KB either way between idle points (over 200-request chunks:
+    # +23, +310, -403, +106 KB in one run, most likely vLLM's per-layer oneDNN
+    # matmul primitives, 32 per linear layer, replaced as step row counts
+    # change), which over 400 requests was as large as the 1 KB-a-request
+    # limit. The halves are printed to tell a steady leak from that wander.
+    heap_halves = [(b["worker_heap"] - a["worker_heap"]) / len(half)
+                   for a, b, half in zip(marks, marks[1:], halves)]
     print(
-        f"\nsoak: {len(measured)} requests after {len(warmup)} warm-up "
+        f"\nsoak: {measured} requests after {len(warmup)} warm-up "
         f"({outcomes.count('disconnected')} disconnected mid-stream); memory growth per request: "
         + ", ".join(f"{k} {v:+.0f} B" for k, v in growth.items())
+        + f"; worker heap per half {', '.join(f'{v:+.0f} B' for v in heap_halves)}"
         + f"; RSS worker {after['worker'] / 2**20:.0f} MiB, engine core {after['engine_core'] / 2**20:.0f} MiB, "
         f"API server {after['api_server'] / 2**20:.0f} MiB; runner states at idle {after['diffusion_states']}; "
         f"KV usage idle {idle_before['kv_cache_usage_perc']:.4f} -> {idle_after['kv_cache_usage_perc']:.4f}"
     )
-    assert outcomes.count("disconnected") >= 40
+    planned = sum(job["stream"] and job["disconnect"] for half in halves for job in half)
+    assert planned >= 80 and outcomes.count("disconnected") >= 0.9 * planned
     assert idle_after["num_requests_running"] == 0 and idle_after["num_requests_waiting"] == 0
     assert idle_after["kv_cache_usage_perc"] == idle_before["kv_cache_usage_perc"] == 0
     # what requests leave behind in the worker (heap in use: the leak figure),
     # and resident memory (noisier: fragmentation and page granularity)
-    assert growth["worker_heap"] < 1024, growth
+    assert growth["worker_heap"] < 1024, (growth, heap_halves)
     assert growth["worker_trimmed"] < 4096 and growth["engine_core"] < 4096, growth
     assert after["diffusion_states"] <= 32  # at most the last step's stopped requests (--max-num-seqs)
     assert_canary(server)
