@@ -33,9 +33,9 @@ def test_benchmark_cell_with_thresholds_passes_its_correctness_gate(tmp_path, mo
 
 
 def test_gate_message_names_the_eps0_control_only_where_it_ran():
-    full = bench.gate_passed_message(None, [8, 32])
+    full = bench.gate_passed_message(None, control_ran=True)
     assert full.startswith("correctness gate passed: SureLock eps=0 == no-lock, SureLock == plain-torch")
-    assert "(cells up to batch 8)" in bench.gate_passed_message(8, [8, 32])
+    assert "(cells up to batch 8)" in bench.gate_passed_message(8, control_ran=True)
     # --control-max-batch below every cell: no cell ran the control, so the gate does not claim it
-    none = bench.gate_passed_message(0, [8])
+    none = bench.gate_passed_message(0, control_ran=False)
     assert "eps=0" not in none and "SureLock == plain-torch SureLock reference" in none
