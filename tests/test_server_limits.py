@@ -278,7 +278,7 @@ def test_soak_memory_per_request_and_kv_back_to_idle(server):
         f"KV usage idle {idle_before['kv_cache_usage_perc']:.4f} -> {idle_after['kv_cache_usage_perc']:.4f}"
     )
     planned = sum(job["stream"] and job["disconnect"] for half in halves for job in half)
-    assert planned >= 80 and outcomes.count("disconnected") >= 0.9 * planned
+    assert planned >= 80 and outcomes.count("disconnected") >= 0.95 * planned
     assert idle_after["num_requests_running"] == 0 and idle_after["num_requests_waiting"] == 0
     assert idle_after["kv_cache_usage_perc"] == idle_before["kv_cache_usage_perc"] == 0
     # what requests leave behind in the worker (heap in use: the leak figure),
