@@ -12,17 +12,18 @@ each of the 16 linear layers (about 0.4 ms each on this CPU).
 in whole chunks of `CHUNK_ROWS` (one oneDNN call, written straight into the
 output) and the rest padded up to a multiple of `TAIL_ROWS` (a second call,
 through a copy of at most `CHUNK_ROWS` rows). A layer then sees at most
-max_rows / CHUNK_ROWS + CHUNK_ROWS / TAIL_ROWS row counts, within its cache
-for up to 3,000 rows a step. A call with the same row count as the layer's
+max_rows / CHUNK_ROWS + CHUNK_ROWS / TAIL_ROWS row counts: within its 32
+primitives for steps of up to about 3,000 rows. A call with the same row count as the layer's
 previous call (no-lock's steady state) runs unchanged. Each row's output is the
 same matmul of the same inputs; the engine tests check tokens against the
 plain-torch reference with it in place.
 
 Measured (replaying the row counts of one SureLock and one no-lock run through
-the 16 linear layers of the d_model-256 body, 2 threads): SureLock's linear
-layers 32.2 vs 34.4 ms a step, no-lock's unchanged. The LM head is left alone:
-at a 126k vocabulary a second call re-reads its 129 MB of weights, which cost
-more than the primitives it saves (SureLock's step 11% slower in the engine).
+the 16 linear layers of the d_model-256 body, 2 threads, three alternations):
+SureLock's linear layers 34.2 vs 35.5 ms a step, no-lock's 71.7 vs 72.0. The
+LM head is left alone: at a 126k vocabulary a second call re-reads its 129 MB
+of weights, which costs more than the primitives it saves (SureLock's step was
+11% slower in the engine with the head bucketed too).
 
 Which layers: those whose `cpu_linear` is vLLM's oneDNN closure
 (`onednn_handler`); the sgl-kernel and torch fallbacks are left alone. The
