@@ -262,10 +262,11 @@ def test_soak_memory_per_request_and_kv_back_to_idle(server):
               for k in ("api_server", "engine_core", "worker", "worker_trimmed", "worker_heap")}
     # Measured over 800 requests, not 400: the worker's heap wanders by a few
     # hundred KB either way between idle points (over 200-request chunks:
-    # +23, +310, -403, +106 KB in one run, most likely vLLM's per-layer oneDNN
-    # matmul primitives, 32 per linear layer, replaced as step row counts
-    # change), which over 400 requests was as large as the 1 KB-a-request
-    # limit. The halves are printed to tell a steady leak from that wander.
+    # +23, +310, -403, +106 KB in one run, most likely vLLM's oneDNN matmul
+    # primitives, 32 per weight shape of 160-290 KB each, replaced as step row
+    # counts change; README "Tried and taken out"), which over 400 requests
+    # was as large as the 1 KB-a-request limit. The halves are printed to
+    # tell a steady leak from that wander.
     heap_halves = [(b["worker_heap"] - a["worker_heap"]) / len(half)
                    for a, b, half in zip(marks, marks[1:], halves)]
     print(

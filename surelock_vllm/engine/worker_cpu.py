@@ -22,7 +22,7 @@ class DiffusionCPUModelRunner(DiffusionRunnerMixin, CPUModelRunner):
 # cache kept about 250 MB more after one batch-8 run at LLaDA-8B's 126k
 # vocabulary (heap in use after a run, d_model-256 checkpoint), which made
 # SureLock's peak 8.7% above no-lock's. vLLM's linear layers keep their own
-# per-layer primitive caches (32 entries each, `create_onednn_mm`), so a small
+# primitive caches (32 entries per weight shape, `create_onednn_mm`), so a small
 # global cache costs no measurable speed (no-lock 446 vs 445 ms a step at 4 and
 # 1024 entries), and SureLock's peak was +4.0% above no-lock's. A user's own
 # setting wins.
