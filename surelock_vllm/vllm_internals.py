@@ -56,12 +56,6 @@ INTERNALS: list[tuple[str, str, str]] = [
      "SureLockCPUAttentionImpl overrides it (contiguous path), falling back to it for other cache layouts"),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadata",
      "SureLockCPUAttentionMetadata subclasses it and copies its fields"),
-    ("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm",
-     "its oneDNN branch sets layer.cpu_linear to a closure over a CPUDNNLGEMMHandler; engine/cpu_linear.py "
-     "finds the handler there (tests/test_cpu_linear.py builds a layer with it)"),
-    ("vllm._custom_ops", "CPUDNNLGEMMHandler",
-     "engine/cpu_linear.py reads its k, n and handler_tensor and calls torch.ops._C.onednn_mm(out, x, bias, "
-     "handler_tensor) on row slices"),
     ("vllm._custom_ops", "cpu_attn_reshape_and_cache",
      "its 'vec' layout (per block and head: K transposed, then V) is what attention_cpu.gather_kv reads; "
      "tests/test_attention_cpu.py writes with it and reads back"),

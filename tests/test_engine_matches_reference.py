@@ -42,12 +42,6 @@ def reference(ref_model, prompt_ids, extra, mask_id, max_tokens=None, temperatur
     return reference_generate(ref_model, prompt_ids, options, mask_id, seed=seed)
 
 
-def test_linear_layers_run_on_bucketed_row_counts(llm, ref_model):
-    # qkv, o, gate_up and down of every block, on vLLM's oneDNN linear
-    # (engine/cpu_linear.py); the token checks below run with them
-    assert llm.collective_rpc("bucketed_linear_layers") == [4 * ref_model.config.n_layers]
-
-
 SETTINGS = [
     # steps < gen_length: several tokens unmasked per step
     {"gen_length": 32, "steps": 16, "block_length": 8},

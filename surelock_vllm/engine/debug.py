@@ -3,7 +3,7 @@
 * worker methods reached with `collective_rpc` (offline:
   `llm.collective_rpc("take_trace")`; on a server started with
   `VLLM_SERVER_DEV_MODE=1`: `POST /collective_rpc {"method": "memory_report"}`):
-  `canvas_logits`, `take_trace`, `memory_report`, `bucketed_linear_layers`;
+  `canvas_logits`, `take_trace`, `memory_report`;
 * `StepTrace`, which the runner feeds only when `--additional-config
   '{"surelock": {"trace": true}}'` is set: per step and request, the rows
   computed, the locked positions and their K/V as stored in the paged cache;
@@ -34,10 +34,6 @@ class DiffusionWorkerDebugMixin:
     def take_trace(self) -> list[dict]:
         trace = self.model_runner._step_trace()
         return [] if trace is None else trace.take()
-
-    def bucketed_linear_layers(self) -> int:
-        """Linear layers running on bucketed row counts (CPU: engine/cpu_linear.py; CUDA: none)."""
-        return getattr(self.model_runner, "bucketed_linear_layers", 0)
 
     def memory_report(self) -> dict[str, int]:
         """This process's memory, after a garbage collection, and the

@@ -8,18 +8,12 @@ from vllm.v1.worker import cpu_worker
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from surelock_vllm.engine.cpu_linear import bucket_linear_rows
 from surelock_vllm.engine.debug import DiffusionWorkerDebugMixin
 from surelock_vllm.engine.runner import DiffusionRunnerMixin
 
 
 class DiffusionCPUModelRunner(DiffusionRunnerMixin, CPUModelRunner):
-    def load_model(self, *args, **kwargs) -> None:
-        super().load_model(*args, **kwargs)
-        # SureLock's row count changes every step: keep the linear layers'
-        # oneDNN primitives reused (engine/cpu_linear.py)
-        self.bucketed_linear_layers = bucket_linear_rows(
-            self.model, self.scheduler_config.max_num_batched_tokens)
+    pass
 
 
 # oneDNN's process-wide primitive cache (default 1024 entries) keeps every
