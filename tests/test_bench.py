@@ -18,8 +18,13 @@ def test_benchmark_cell_with_thresholds_passes_its_correctness_gate(tmp_path, mo
     # exit 0: eps=0 == no-lock, every run == its plain-torch reference (threshold runs included)
     assert bench.main(["--model", str(CHECKPOINT), "--gen-lengths", "32", "--batch-sizes", "2", "--eps", "5e-3",
                        "--thresholds", "0.6", "--threshold-eps", "5e-3", "--block-length", "16",
-                       "--repeats", "1", "--out-dir", str(out), "--no-plots"]) == 0
+                       "--repeats", "2", "--out-dir", str(out), "--no-plots"]) == 0
     cell = json.loads((out / "bench.json").read_text())["cells"][0]
+    # the reference is timed once per repeat, side by side with the engine's runs; its time is their median
+    by_repeat = cell["reference"]["s_per_request_by_repeat"]
+    assert len(by_repeat) == 2 and all(t > 0 for t in by_repeat)
+    assert cell["reference"]["s_per_request"] == pytest.approx(sum(by_repeat) / 2)
+    assert all(len(run["wall_s"]) == (1 if label == "eps=0" else 2) for label, run in cell["runs"].items())
     runs = cell["runs"]
     assert list(runs) == ["no-lock", "eps=0", "eps=0.005", "thr=0.6 no-lock", "thr=0.6 eps=0.005"]
     assert runs["no-lock"]["steps"] == runs["no-lock"]["steps_fixed"] == 2 * 32
