@@ -326,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
                     "peak_rss_mb": res.peak_rss_mb,
                     "speedup_vs_nolock": nolock.median_s / res.median_s,
                     "speedup_vs_reference": (ref_per_request * batch) / res.median_s,
+                    # each repeat against the no-lock run and the reference timed in
+                    # the same repeat (the eps=0 control runs in the first only)
+                    "speedup_vs_nolock_by_repeat": [n / w for n, w in zip(nolock.wall_s, res.wall_s)],
+                    "speedup_vs_reference_by_repeat": [
+                        ref * batch / w for ref, w in zip(ref_per_request_by_repeat, res.wall_s)
+                    ],
                     "token_agreement_with_nolock": agree, **agg,
                 }
             report["cells"].append(cell)
@@ -403,7 +409,22 @@ def format_cell(cell: dict) -> str:
     lines.append("".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(COLUMNS, widths))))
     for row in cell_rows(cell):
         lines.append("".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(row, widths))))
+    lines += repeat_lines(cell)
     return "\n".join(lines)
+
+
+def repeat_lines(cell: dict) -> list[str]:
+    """Each run's speedups repeat by repeat, paired within the repeat (the spread behind the medians)."""
+    if all(len(r["speedup_vs_nolock_by_repeat"]) < 2 for r in cell["runs"].values()):
+        return []
+    lines = ["per repeat (x no-lock; x ref), each against the same repeat's no-lock and reference:"]
+    for label, r in cell["runs"].items():
+        if label == "no-lock":
+            continue
+        nolock = " ".join(f"{x:.2f}" for x in r["speedup_vs_nolock_by_repeat"])
+        ref = " ".join(f"{x:.2f}" for x in r["speedup_vs_reference_by_repeat"])
+        lines.append(f"  {label}: {nolock}; {ref}")
+    return lines
 
 
 def markdown_report(report: dict) -> str:
@@ -436,6 +457,8 @@ def markdown_report(report: dict) -> str:
         for row in cell_rows(cell):
             out.append("| " + " | ".join(row) + " |")
         out.append("")
+        if lines := repeat_lines(cell):
+            out += [lines[0], "", *(f"- {line.strip()}" for line in lines[1:]), ""]
     return "\n".join(out)
 
 

@@ -33,8 +33,17 @@ def test_benchmark_cell_with_thresholds_passes_its_correctness_gate(tmp_path, mo
         assert runs[label]["flops_speedup"] > 1  # LM head included, against fixed-step no-lock
     # SureLock on top of the threshold computes fewer rows than the threshold alone
     assert runs["thr=0.6 eps=0.005"]["rows"] < runs["thr=0.6 no-lock"]["rows"]
+    # each repeat's speedups, paired with that repeat's no-lock run and reference timing
+    lock = runs["eps=0.005"]
+    assert lock["speedup_vs_nolock_by_repeat"] == pytest.approx(
+        [n / w for n, w in zip(runs["no-lock"]["wall_s"], lock["wall_s"])])
+    assert lock["speedup_vs_reference_by_repeat"] == pytest.approx(
+        [ref * 2 / w for ref, w in zip(by_repeat, lock["wall_s"])])
+    assert len(runs["eps=0"]["speedup_vs_nolock_by_repeat"]) == 1
     table = (out / "bench.md").read_text()
     assert "| thr=0.6 eps=0.005 |" in table and "| steps |" in table
+    paired = " ".join(f"{x:.2f}" for x in lock["speedup_vs_nolock_by_repeat"])
+    assert f"- eps=0.005: {paired};" in table
 
 
 def test_gate_message_names_the_eps0_control_only_where_it_ran():
