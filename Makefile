@@ -27,7 +27,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-# the CPU benchmark (about an hour and a half here; the 126k cells run two repeats, the eps=0 control once): the grid on the shipped tiny
+# the CPU benchmark (about an hour and a half here; the d256 cell runs four repeats, the 126k cells two, the eps=0 control once): the grid on the shipped tiny
 # checkpoint (docs/bench/); the headline cell on a random d_model-256, 4-layer
 # LLaDA-format checkpoint built on the spot (docs/bench/small/), where the
 # model's compute, not per-step overhead, dominates a step; and the same body
@@ -43,7 +43,7 @@ bench: setup
 	$(VENV)/bin/surelock-bench --out-dir docs/bench
 	$(PY) -m surelock_vllm.tools.make_checkpoint out/llada-small-random --preset small
 	$(VENV)/bin/surelock-bench --model out/llada-small-random --gen-lengths 256 --batch-sizes 8 \
-		--out-dir docs/bench/small --no-plots
+		--repeats 4 --out-dir docs/bench/small --no-plots
 	$(PY) -m surelock_vllm.tools.make_checkpoint out/llada-small-126k --preset small-126k
 	$(VENV)/bin/surelock-bench --model out/llada-small-126k --gen-lengths 256 --batch-sizes 8 32 \
 		--eps 5e-3 --control-max-batch 8 --repeats 2 --out-dir docs/bench/small-126k --no-plots
