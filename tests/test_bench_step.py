@@ -8,6 +8,7 @@ one-request SureLock reference.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -63,3 +64,23 @@ def test_main_writes_speedups_and_flops_per_batch_size(tmp_path):
         assert lock["rows"] < nolock["rows"] and 0 < lock["flops_ratio"] < 1
         assert lock["speedup"] == pytest.approx(nolock["s"] / lock["s"])
         assert lock["efficiency"] == pytest.approx(lock["speedup"] * lock["flops_ratio_with_lm_head"])
+
+
+def test_forwards_keep_every_tensor_on_the_models_device():
+    """The GPU path on CPU: a model on the meta device (shapes only) mixed with any CPU
+    tensor fails as a CUDA model would ("not on the expected device")."""
+    meta = torch.device("meta")
+    model = bench_step.build_model("tiny", None, meta, torch.float32)
+    # bench_rows: the reference forward over some rows with its per-layer canvas caches
+    caches = model.new_kv_caches(12)
+    logits = model.forward_rows(torch.zeros(5, dtype=torch.long, device=meta), torch.arange(7, 12, device=meta), caches)
+    assert logits.device == meta and caches[0].keys.device == meta
+    # bench_step: a plan of the batched step (built on CPU, its tensors moved) through RowsForward
+    batch = DiffusionBatch(max_requests=2, max_canvas_len=12, mask_id=model.config.vocab_size - 1)
+    options = DiffusionOptions.resolve({"steps": 4, "block_length": 4}, max_tokens=4, temperature=0.0)
+    slots = [batch.add([1, 2, 3, 4, 5, 6, 7, 8], options, 0), batch.add([1, 2, 3], options, 1)]
+    plan = batch.plan(slots)
+    moved = {f.name: getattr(plan, f.name).to(meta) for f in dataclasses.fields(plan)
+             if isinstance(getattr(plan, f.name), torch.Tensor)}
+    hidden = bench_step.RowsForward(model, 2, 12)(dataclasses.replace(plan, **moved), [12, 7])
+    assert hidden.device == meta and hidden.shape == (plan.read_rows.shape[0], model.config.d_model)

@@ -38,7 +38,7 @@ def rotary_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for neox-style (rotate-half) RoPE, in fp32."""
     inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     )
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -111,10 +111,10 @@ class LLaDABlock(nn.Module):
 class KVCache:
     """One layer's K/V for a whole canvas: [canvas_len, n_kv_heads, head_dim]."""
 
-    def __init__(self, canvas_len: int, config: LLaDAConfig, dtype: torch.dtype):
+    def __init__(self, canvas_len: int, config: LLaDAConfig, dtype: torch.dtype, device: torch.device | str = "cpu"):
         shape = (canvas_len, config.n_kv_heads, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype)
-        self.values = torch.zeros(shape, dtype=dtype)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
 
 
 class LLaDATransformer(nn.Module):
@@ -166,8 +166,8 @@ class LLaDAReferenceLM(nn.Module):
         return logits[:, : self.config.vocab_size].float()
 
     def new_kv_caches(self, canvas_len: int) -> "list[KVCache]":
-        dtype = self.model.transformer.wte.weight.dtype
-        return [KVCache(canvas_len, self.config, dtype) for _ in range(self.config.n_layers)]
+        weight = self.model.transformer.wte.weight
+        return [KVCache(canvas_len, self.config, weight.dtype, weight.device) for _ in range(self.config.n_layers)]
 
     @classmethod
     def from_pretrained(
