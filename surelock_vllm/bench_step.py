@@ -130,14 +130,18 @@ def denoise(
 
 
 def random_prompts(batch: int, length: int, vocab: int, generator: torch.Generator) -> list[list[int]]:
-    """Prompts of ordinary token ids (below every special id of LLaDA's vocabulary)."""
-    high = min(vocab, LLADA_EOS_ID) - 1
+    """Prompts of ordinary token ids (below every special id: LLaDA's, or a small vocabulary's last two)."""
+    high = min(vocab - 2, LLADA_EOS_ID)
     return torch.randint(0, high, (batch, length), generator=generator).tolist()
 
 
 def build_model(shape: str, layers: int | None, device: torch.device, dtype: torch.dtype) -> LLaDAReferenceLM:
     """Random weights at a named shape (`bench_rows.SHAPES`), optionally with fewer layers."""
-    config = LLaDAConfig(**{**SHAPES[shape], **({"n_layers": layers} if layers else {})})
+    values = {**SHAPES[shape], **({"n_layers": layers} if layers else {})}
+    if values["vocab_size"] <= LLADA_MASK_ID:  # a small vocabulary: its last ids are the special ones
+        vocab = values["vocab_size"]
+        values.update(mask_token_id=vocab - 1, eos_token_id=vocab - 2, pad_token_id=vocab - 2)
+    config = LLaDAConfig(**values)
     torch.manual_seed(0)
     with torch.device(device):
         model = LLaDAReferenceLM(config).to(dtype).eval()
@@ -165,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     config = model.config
     shape = ModelShape.from_config(config)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    mask_id = LLADA_MASK_ID if config.vocab_size > LLADA_MASK_ID else config.vocab_size - 1
-    specials = dict(eos_id=LLADA_EOS_ID, eot_id=LLADA_EOT_ID) if config.vocab_size > LLADA_MASK_ID else {}
+    mask_id = config.mask_token_id
+    specials = dict(eos_id=LLADA_EOS_ID, eot_id=LLADA_EOT_ID) if mask_id == LLADA_MASK_ID else {}
     options = DiffusionOptions.resolve({"steps": args.gen_length, "block_length": args.block_length},
                                        max_tokens=args.gen_length, temperature=0.0)
     canvas = args.prompt_length + args.gen_length

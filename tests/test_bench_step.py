@@ -29,7 +29,7 @@ def model():
 
 @pytest.mark.parametrize("eps", [None, 5e-2])
 def test_batched_step_with_row_forward_matches_the_reference_samplers(model, eps):
-    mask_id = model.config.vocab_size - 1
+    mask_id = model.config.mask_token_id
     options = DiffusionOptions.resolve({"steps": 16, "block_length": 8}, max_tokens=16, temperature=0.0)
     lock = SureLockOptions() if eps is None else SureLockOptions(enabled=True, eps=eps)
     # prompts of different lengths: canvases of different lengths in one step (key mask, padded queries)
@@ -76,7 +76,7 @@ def test_forwards_keep_every_tensor_on_the_models_device():
     logits = model.forward_rows(torch.zeros(5, dtype=torch.long, device=meta), torch.arange(7, 12, device=meta), caches)
     assert logits.device == meta and caches[0].keys.device == meta
     # bench_step: a plan of the batched step (built on CPU, its tensors moved) through RowsForward
-    batch = DiffusionBatch(max_requests=2, max_canvas_len=12, mask_id=model.config.vocab_size - 1)
+    batch = DiffusionBatch(max_requests=2, max_canvas_len=12, mask_id=model.config.mask_token_id)
     options = DiffusionOptions.resolve({"steps": 4, "block_length": 4}, max_tokens=4, temperature=0.0)
     slots = [batch.add([1, 2, 3, 4, 5, 6, 7, 8], options, 0), batch.add([1, 2, 3], options, 1)]
     plan = batch.plan(slots)
