@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from surelock_vllm.configuration_llada import LLaDAConfig
+from surelock_vllm.tools.make_checkpoint import LLADA_VOCAB_SIZE
 from surelock_vllm.diffusion.flops import ModelShape
 
 SHAPES = {
@@ -34,6 +35,23 @@ SHAPES = {
     "tiny": dict(d_model=128, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=256,
                  vocab_size=262, embedding_size=262, max_sequence_length=4096),
 }
+
+
+def build_model(shape: str, layers: int | None, device: torch.device, dtype: torch.dtype):
+    """A plain-torch LLaDA with random weights at a named shape, optionally with fewer layers."""
+    from surelock_vllm.reference.modeling import LLaDAReferenceLM
+
+    values = {**SHAPES[shape], **({"n_layers": layers} if layers else {})}
+    if values["vocab_size"] < LLADA_VOCAB_SIZE:  # not LLaDA's vocabulary: its last ids are the special ones
+        vocab = values["vocab_size"]
+        values.update(mask_token_id=vocab - 1, eos_token_id=vocab - 2, pad_token_id=vocab - 2)
+    config = LLaDAConfig(**values)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LLaDAReferenceLM(config).to(dtype).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return model
 
 
 def load_schedule(path: Path | None, eps: float) -> list[float]:
@@ -94,16 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/bench/gpu_rows.json"))
     args = parser.parse_args(argv)
 
-    from surelock_vllm.reference.modeling import LLaDAReferenceLM
-
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    config = LLaDAConfig(**SHAPES[args.shape])
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LLaDAReferenceLM(config).to(dtype).eval()
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
+    model = build_model(args.shape, None, device, getattr(torch, args.dtype))
+    config = model.config
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     shape = ModelShape.from_config(config)
     schedule = load_schedule(args.schedule, args.eps)

@@ -33,15 +33,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from surelock_vllm.bench_rows import SHAPES
-from surelock_vllm.configuration_llada import LLaDAConfig
+from surelock_vllm.bench_rows import SHAPES, build_model
 from surelock_vllm.diffusion.batch import BatchPlan, DiffusionBatch
 from surelock_vllm.diffusion.flops import ComputeLedger, ModelShape
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.reference.modeling import LLaDAReferenceLM, apply_rotary, rotary_cos_sin
+from surelock_vllm.tools.make_checkpoint import LLADA_SPECIAL_IDS
 
-# LLaDA-8B-Instruct's special ids (make_checkpoint's small-126k preset uses them too)
-LLADA_MASK_ID, LLADA_EOS_ID, LLADA_EOT_ID = 126336, 126081, 126348
+LLADA_MASK_ID = LLADA_SPECIAL_IDS["<|mdm_mask|>"]
+LLADA_EOS_ID = LLADA_SPECIAL_IDS["<|endoftext|>"]
+LLADA_EOT_ID = LLADA_SPECIAL_IDS["<|eot_id|>"]
 
 
 class RowsForward:
@@ -133,21 +134,6 @@ def random_prompts(batch: int, length: int, vocab: int, generator: torch.Generat
     """Prompts of ordinary token ids (below every special id: LLaDA's, or a small vocabulary's last two)."""
     high = min(vocab - 2, LLADA_EOS_ID)
     return torch.randint(0, high, (batch, length), generator=generator).tolist()
-
-
-def build_model(shape: str, layers: int | None, device: torch.device, dtype: torch.dtype) -> LLaDAReferenceLM:
-    """Random weights at a named shape (`bench_rows.SHAPES`), optionally with fewer layers."""
-    values = {**SHAPES[shape], **({"n_layers": layers} if layers else {})}
-    if values["vocab_size"] <= LLADA_MASK_ID:  # a small vocabulary: its last ids are the special ones
-        vocab = values["vocab_size"]
-        values.update(mask_token_id=vocab - 1, eos_token_id=vocab - 2, pad_token_id=vocab - 2)
-    config = LLaDAConfig(**values)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LLaDAReferenceLM(config).to(dtype).eval()
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    return model
 
 
 def main(argv: list[str] | None = None) -> int:
