@@ -37,6 +37,7 @@ from surelock_vllm.bench_rows import SHAPES, build_model
 from surelock_vllm.diffusion.batch import BatchPlan, DiffusionBatch
 from surelock_vllm.diffusion.flops import ComputeLedger, ModelShape
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
+from surelock_vllm.engine.rows import padded_rows_layout
 from surelock_vllm.reference.modeling import LLaDAReferenceLM, apply_rotary, rotary_cos_sin
 from surelock_vllm.tools.make_checkpoint import LLADA_SPECIAL_IDS
 
@@ -74,12 +75,11 @@ class RowsForward:
         longest = max(plan.seq_rows)
         seq_slot = plan.slot_index  # one sequence per request
         row_slot, pos = seq_slot[plan.query_seq], plan.query_pos
-        starts = torch.tensor([0, *plan.seq_rows], device=device).cumsum(0)
-        padded_row = torch.arange(rows, device=device) - starts[plan.query_seq] + plan.query_seq * longest
-        key_mask = None
-        if min(canvas_lens) != width:
-            lens = torch.tensor(canvas_lens, device=device)
-            key_mask = (torch.arange(width, device=device) < lens[:, None])[:, None, None, :]
+        # padded and masked as the engine's CPU attention does (engine/attention_cpu.py)
+        padded_row, key_mask = (
+            None if t is None else t.to(device)
+            for t in padded_rows_layout(torch.tensor([0, *plan.seq_rows]).cumsum(0), torch.tensor(canvas_lens), longest, width)
+        )
         first = transformer.blocks[0]
         cos, sin = rotary_cos_sin(pos, first.head_dim, first.rope_theta)
 
@@ -92,13 +92,18 @@ class RowsForward:
             self.values[layer, row_slot, pos] = block.v_proj(h).view(rows, block.n_kv_heads, block.head_dim)
             keys = self.keys[layer].index_select(0, seq_slot)[:, :width].transpose(1, 2)
             values = self.values[layer].index_select(0, seq_slot)[:, :width].transpose(1, 2)
-            queries = q.new_zeros((seqs * longest, block.n_heads, block.head_dim))
-            queries[padded_row] = q
+            if padded_row is None:
+                queries = q
+            else:
+                queries = q.new_zeros((seqs * longest, block.n_heads, block.head_dim))
+                queries[padded_row] = q
             out = F.scaled_dot_product_attention(
                 queries.view(seqs, longest, block.n_heads, block.head_dim).transpose(1, 2), keys, values,
                 attn_mask=key_mask, enable_gqa=block.n_heads != block.n_kv_heads,
             )
-            out = out.transpose(1, 2).reshape(seqs * longest, -1)[padded_row]
+            out = out.transpose(1, 2).reshape(seqs * longest, -1)
+            if padded_row is not None:
+                out = out[padded_row]
             x = x + block.attn_out(out)
             h = block.ff_norm(x)
             x = x + block.ff_out(F.silu(block.ff_proj(h)) * block.up_proj(h))

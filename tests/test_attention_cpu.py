@@ -15,8 +15,8 @@ from surelock_vllm.engine.attention_cpu import (
     SureLockCPUAttentionMetadata,
     contiguous_attention,
     gather_kv,
-    padded_rows_layout,
 )
+from surelock_vllm.engine.rows import padded_rows_layout
 
 BLOCK = 32
 

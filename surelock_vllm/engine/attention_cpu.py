@@ -33,6 +33,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from surelock_vllm.engine.attention import RowsMetadataBuilderMixin
+from surelock_vllm.engine.rows import padded_rows_layout
 
 # The CPU_ATTN cache layout the contiguous path reads (`gather_kv`).
 CONTIGUOUS_ISA = "vec"
@@ -62,29 +63,6 @@ def gather_kv(kv_cache: torch.Tensor, kv_blocks: torch.Tensor, num_keys: int) ->
     values = raw[:, :, :, 1].view(seqs, blocks, heads, block_size, dim).transpose(1, 2)
     shape = (seqs, heads, blocks * block_size, dim)
     return keys.reshape(shape)[:, :, :num_keys], values.reshape(shape)[:, :, :num_keys]
-
-
-def padded_rows_layout(
-    query_start: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, max_seq_len: int
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Where each computed row sits in the padded query batch, and which keys each sequence has.
-
-    `query_start` [seqs + 1] and `seq_lens` [seqs] (host tensors) give each
-    sequence's rows and canvas length. Returns `query_rows` [tokens] (row
-    `t`'s index in `[seqs * max_query_len]`; None when every sequence has
-    `max_query_len` rows) and `key_mask` [seqs, 1, 1, max_seq_len] (None when
-    every canvas is `max_seq_len` long).
-    """
-    query_start, seq_lens = query_start.long(), seq_lens.long()
-    query_lens = query_start[1:] - query_start[:-1]
-    seqs = query_lens.shape[0]
-    query_rows = key_mask = None
-    if seqs and int(query_lens.min()) != max_query_len:
-        seq_of_row = torch.repeat_interleave(torch.arange(seqs), query_lens)
-        query_rows = torch.arange(int(query_start[-1])) - query_start[seq_of_row] + seq_of_row * max_query_len
-    if seqs and int(seq_lens.min()) != max_seq_len:
-        key_mask = (torch.arange(max_seq_len) < seq_lens[:, None])[:, None, None, :]
-    return query_rows, key_mask
 
 
 def contiguous_attention(

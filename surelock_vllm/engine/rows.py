@@ -92,3 +92,29 @@ def build_step_layout(requests: list[RequestRows], block_size: int) -> StepLayou
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
     )
+
+
+def padded_rows_layout(
+    query_start: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, max_seq_len: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Where each computed row sits in a padded query batch, and which keys each sequence has.
+
+    Kernels that take one query tensor per batch (torch's
+    `scaled_dot_product_attention`) pad every sequence's rows to the longest.
+    `query_start` [seqs + 1] and `seq_lens` [seqs] (host tensors: the
+    padding is decided on the host) give each sequence's rows and canvas
+    length. Returns `query_rows` [tokens] (row `t`'s index in
+    `[seqs * max_query_len]`; None when every sequence has `max_query_len`
+    rows) and `key_mask` [seqs, 1, 1, max_seq_len] (None when every canvas is
+    `max_seq_len` long), on the host.
+    """
+    query_start, seq_lens = query_start.long(), seq_lens.long()
+    query_lens = query_start[1:] - query_start[:-1]
+    seqs = query_lens.shape[0]
+    query_rows = key_mask = None
+    if seqs and int(query_lens.min()) != max_query_len:
+        seq_of_row = torch.repeat_interleave(torch.arange(seqs), query_lens)
+        query_rows = torch.arange(int(query_start[-1])) - query_start[seq_of_row] + seq_of_row * max_query_len
+    if seqs and int(seq_lens.min()) != max_seq_len:
+        key_mask = (torch.arange(max_seq_len) < seq_lens[:, None])[:, None, None, :]
+    return query_rows, key_mask
