@@ -169,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device {name}, shape {args.shape}, layers {config.n_layers}, {args.dtype}, "
           f"gen_length {args.gen_length}, block {args.block_length}, prompt {args.prompt_length}, eps {args.eps:g}")
+    header = {"device": name, "shape": args.shape, "layers": config.n_layers, "dtype": args.dtype,
+              "gen_length": args.gen_length, "block_length": args.block_length,
+              "prompt_length": args.prompt_length, "eps": args.eps,
+              "command": "python -m surelock_vllm.bench_step " + " ".join(sys.argv[1:] if argv is None else argv)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = {"no-lock": SureLockOptions(), f"eps={args.eps:g}": SureLockOptions(enabled=True, eps=args.eps)}
     results = []
     for size in args.batch_sizes:
@@ -201,12 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {size:3d}: no-lock {nolock['s_per_step'] * 1e3:8.2f} ms/step  SureLock {lock['s_per_step'] * 1e3:8.2f} ms/step  "
               f"{lock['speedup']:.2f}x  rows {lock['rows_ratio']:.3f}  FLOPs {lock['flops_ratio']:.3f} "
               f"(+LM head {lock['flops_ratio_with_lm_head']:.3f})  efficiency {lock['efficiency']:.0%}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": name, "shape": args.shape, "layers": config.n_layers, "dtype": args.dtype,
-                                    "gen_length": args.gen_length, "block_length": args.block_length,
-                                    "prompt_length": args.prompt_length, "eps": args.eps,
-                                    "command": "python -m surelock_vllm.bench_step " + " ".join(sys.argv[1:] if argv is None else argv),
-                                    "results": results}, indent=1))
+        # after every batch size: a run cut short by a time limit keeps what it measured
+        args.out.write_text(json.dumps({**header, "results": results}, indent=1))
     print(f"wrote {args.out}")
     return 0
 

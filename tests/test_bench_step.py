@@ -84,3 +84,23 @@ def test_forwards_keep_every_tensor_on_the_models_device():
              if isinstance(getattr(plan, f.name), torch.Tensor)}
     hidden = bench_step.RowsForward(model, 2, 12)(dataclasses.replace(plan, **moved), [12, 7])
     assert hidden.device == meta and hidden.shape == (plan.read_rows.shape[0], model.config.d_model)
+
+
+def test_main_keeps_the_batch_sizes_measured_before_a_failure(tmp_path, monkeypatch):
+    """A device run cut short (time limit, out of memory) still leaves the batch sizes it finished."""
+    out = tmp_path / "step.json"
+    denoise = bench_step.denoise
+
+    def denoise_until_batch_2(forward, batch, prompts, *args, **kwargs):
+        if len(prompts) == 2:
+            raise torch.cuda.OutOfMemoryError("batch 2")
+        return denoise(forward, batch, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(bench_step, "denoise", denoise_until_batch_2)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        bench_step.main(["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--gen-length", "16",
+                         "--block-length", "8", "--prompt-length", "6", "--batch-sizes", "1", "2",
+                         "--eps", "5e-2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert [row["batch"] for row in report["results"]] == [1]
+    assert report["shape"] == "tiny" and "bench_step" in report["command"]
