@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 EXTRA  := $(shell nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup demo test test-fast bench eval train clean-venv checkpoint
+.PHONY: setup demo test test-fast bench eval eval-long train train-long clean-venv checkpoint
 
 setup: $(STAMP)
 
@@ -58,6 +58,13 @@ bench: setup
 eval: setup
 	$(VENV)/bin/surelock-eval --out-dir docs/eval
 
+# the same at the SureLock paper's length, on the long-answer model (make train-long):
+# gen_length 256, block 32, steps 256; docs/eval-long/
+EVAL_LONG := --suite long --per-task 10 --eps 5e-4 5e-3 5e-2 0.5 --rule-eps 5e-3 \
+	--thresholds 0.7 0.8 0.9 0.95 --repeats 1
+eval-long: setup
+	$(VENV)/bin/surelock-eval $(EVAL_LONG) --out-dir docs/eval-long
+
 # train the shipped small LLaDA-format model on the generated tasks (CUDA when
 # present; about 2 h on 2 CPU cores), in three stages that each continue from
 # the last one's weights: 7,000 steps of the curriculum (stage 1: the train
@@ -70,6 +77,15 @@ train: setup
 	$(VENV)/bin/surelock-train out/llada-small-stage1
 	$(VENV)/bin/surelock-train out/llada-small-stage2 --init-from out/llada-small-stage1 $(TRAIN_STAGE2)
 	$(VENV)/bin/surelock-train checkpoints/llada-small --init-from out/llada-small-stage2 $(TRAIN_STAGE3)
+
+# train the shipped long-answer model (checkpoints/llada-long) on the long suite
+# (answers of 64-250 tokens in a 256-token canvas): 700 steps of copying, then
+# the mix; about 2 h on 2 CPU cores. Resumable: stopped, the same command
+# continues from the last state saved (every 200 steps) to the same weights.
+TRAIN_LONG := --suite long --response-length 256 --batch-size 16 --steps 3400 --first-steps 700 \
+	--eval-every 1000 --save-every 200 --resume
+train-long: setup
+	$(VENV)/bin/surelock-train checkpoints/llada-long $(TRAIN_LONG)
 
 # plain-torch tests only (no engine start)
 test-fast: setup

@@ -17,6 +17,14 @@ sweep at one generation length (`--grid cross` runs every pair).
 cell, with SureLock off and at `--threshold-eps`: meaningful on a trained
 model only (a random one is never confident, so a threshold changes nothing).
 
+Quality next to speed: on a trained checkpoint (one with the
+`training_log.json` that `surelock-train` writes) the prompts are its task
+suite's held-out problems, and every run's exact match (each output read up
+to its first stop token, as a chat answer is) is reported beside its
+speed-ups; the tables refuse to print a trained run's speed-up without it. A
+random-weight checkpoint has no quality to measure; its exact-match column
+says so.
+
 Correctness gate (nonzero exit on failure), so that a speedup can never come
 from wrong answers:
 * SureLock with eps = 0 returns exactly the no-lock tokens;
@@ -67,18 +75,41 @@ class RunResult:
         return statistics.median(self.wall_s)
 
 
-def build_prompts(tokenizer, batch: int) -> list[list[int]]:
-    """Chat prompts of held-out task problems (the trained model's kind of input)."""
-    from surelock_vllm.tasks import heldout_problems
-    from surelock_vllm.tools.make_checkpoint import chat_prompt_ids
+def trained_suite(model: str) -> str | None:
+    """The task suite a checkpoint was trained on (its `training_log.json`), None for random weights."""
+    log = Path(model) / "training_log.json"
+    if not log.exists():
+        return None
+    return json.loads(log.read_text()).get("suite", "short")  # logs before the long suite: short
 
-    problems = heldout_problems()
-    # round-robin over the tasks, so every batch size mixes them
+
+def build_problems(batch: int, suite: str = "short") -> list:
+    """`batch` held-out problems of `suite`, round-robin over its tasks (every batch size mixes them)."""
+    from surelock_vllm.tasks import heldout_problems
+
+    problems = heldout_problems(suite=suite)
     by_task: dict[str, list] = {}
     for p in problems:
         by_task.setdefault(p.task, []).append(p)
     order = [by_task[t][i] for i in range(len(problems) // len(by_task)) for t in sorted(by_task)]
-    return [chat_prompt_ids(tokenizer, problem.prompt) for problem in order[:batch]]
+    return order[:batch]
+
+
+def build_prompts(tokenizer, batch: int, suite: str = "short") -> list[list[int]]:
+    """Chat prompts of held-out task problems (the trained model's kind of input)."""
+    from surelock_vllm.tools.make_checkpoint import chat_prompt_ids
+
+    return [chat_prompt_ids(tokenizer, problem.prompt) for problem in build_problems(batch, suite)]
+
+
+def answer_texts(tokenizer, outputs: list[list[int]]) -> list[str]:
+    """Each output read as a chat answer: up to its first `<|endoftext|>` or `<|eot_id|>`."""
+    stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")}
+    texts = []
+    for tokens in outputs:
+        end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+        texts.append(tokenizer.decode(tokens[:end], skip_special_tokens=True))
+    return texts
 
 
 def sampling_params(gen_length: int, block_length: int, config: BenchConfig):
@@ -209,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     from surelock_vllm.reference.modeling import LLaDAReferenceLM
     from surelock_vllm.reference.sampler import reference_generate
     from surelock_vllm.reference.surelock import reference_generate_surelock
+    from surelock_vllm.tasks import is_correct
 
     cells = cells_for(args)
     extra = {"gpu_memory_utilization": 0.3} if current_platform.is_cpu() else {}
@@ -224,9 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     nolock_config, control = BenchConfig(), BenchConfig(eps=0.0)
     configs = [nolock_config, control, *(BenchConfig(eps=e) for e in args.eps)]
     configs += [BenchConfig(eps=e, threshold=t) for t in args.thresholds for e in (None, args.threshold_eps)]
+    suite = trained_suite(args.model)
     report = {
         "command": "surelock-bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": os.path.relpath(args.model) if os.path.exists(args.model) else args.model,
+        "trained_suite": suite,
         "dtype": args.dtype, "device": describe_device(),
         "threads": torch.get_num_threads(), "cells": [],
     }
@@ -244,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         for gen_length, batch in cells:
             bar.set_postfix_str(f"gen {gen_length} batch {batch}")
             block = args.block_length if gen_length % args.block_length == 0 else gen_length
-            prompts = build_prompts(tokenizer, batch)
+            problems = build_problems(batch, suite or "short")
+            prompts = build_prompts(tokenizer, batch, suite or "short")
             configs_here = cell_configs(batch)
             results = {c: RunResult(c.label, c) for c in configs_here}
             run_engine(llm, prompts[:1], sampling_params(32, 32, nolock_config))  # warm-up
@@ -334,8 +369,16 @@ def main(argv: list[str] | None = None) -> int:
                     ],
                     "token_agreement_with_nolock": agree, **agg,
                 }
+                if suite is not None:
+                    # the run's quality, from its own outputs
+                    texts = answer_texts(tokenizer, res.tokens)
+                    correct = [is_correct(p, t) for p, t in zip(problems, texts)]
+                    cell["runs"][res.label].update(
+                        exact_match=sum(correct) / len(correct),
+                        outputs=[{"task": p.task, "answer": p.answer, "output": t, "correct": ok}
+                                 for p, t, ok in zip(problems, texts, correct)])
             report["cells"].append(cell)
-            tqdm.write(format_cell(cell))
+            tqdm.write(format_cell(cell, suite is not None))
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "bench.json").write_text(json.dumps(report, indent=1))
@@ -384,17 +427,27 @@ def describe_device() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-COLUMNS = ("run", "median s", "tok/s", "s/step", "x no-lock", "x ref", "steps", "FLOPs", "+LM head", "effic.",
-           "dense", "attn", "rows", "agree", "peak MB")
+COLUMNS = ("run", "exact match", "median s", "tok/s", "s/step", "x no-lock", "x ref", "steps", "FLOPs", "+LM head",
+           "effic.", "dense", "attn", "rows", "agree", "peak MB")
 
 
-def cell_rows(cell: dict) -> list[list[str]]:
-    rows = [["reference", f"{cell['reference']['s_per_request'] * cell['batch']:.2f}",
+def exact_match_cell(run: dict, trained: bool) -> str:
+    """A run's exact match; a trained model's speed-up is not printed without it (issue 33)."""
+    if not trained:
+        return "n/a (random)"
+    if run.get("exact_match") is None:
+        raise ValueError("a trained model's run has no exact match: its speed-up would be printed without "
+                         "its quality")
+    return f"{run['exact_match']:.0%}"
+
+
+def cell_rows(cell: dict, trained: bool = False) -> list[list[str]]:
+    rows = [["reference", "", f"{cell['reference']['s_per_request'] * cell['batch']:.2f}",
              f"{cell['reference']['tokens_per_s']:.0f}", f"{cell['reference']['s_per_step'] * 1e3:.1f}ms",
              "", "1.00", "1.000", "", "", "", "", "", "", "", f"{cell['reference']['peak_rss_mb']:.0f}"]]
     for label, r in cell["runs"].items():
         rows.append([
-            label, f"{r['median_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['s_per_step'] * 1e3:.1f}ms",
+            label, exact_match_cell(r, trained), f"{r['median_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['s_per_step'] * 1e3:.1f}ms",
             f"{r['speedup_vs_nolock']:.2f}", f"{r['speedup_vs_reference']:.2f}",
             f"{r['steps'] / r['steps_fixed']:.3f}", f"{r['flops_ratio']:.3f}",
             f"{1 / r['flops_speedup']:.3f}", f"{r['efficiency']:.0%}", f"{r['dense_ratio']:.3f}", f"{r['attention_ratio']:.3f}", f"{r['rows_ratio']:.3f}",
@@ -403,11 +456,11 @@ def cell_rows(cell: dict) -> list[list[str]]:
     return rows
 
 
-def format_cell(cell: dict) -> str:
+def format_cell(cell: dict, trained: bool = False) -> str:
     lines = [f"\n== gen_length {cell['gen_length']}, batch {cell['batch']}, block {cell['block_length']} =="]
-    widths = [18, 9, 7, 8, 10, 7, 7, 7, 9, 7, 7, 7, 7, 7, 8]
+    widths = [18, 13, 9, 7, 8, 10, 7, 7, 7, 9, 7, 7, 7, 7, 7, 8]
     lines.append("".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(COLUMNS, widths))))
-    for row in cell_rows(cell):
+    for row in cell_rows(cell, trained):
         lines.append("".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(row, widths))))
     lines += repeat_lines(cell)
     return "\n".join(lines)
@@ -449,12 +502,19 @@ def markdown_report(report: dict) -> str:
         "compare with no-lock at the same steps, `+LM head` and `effic.` with fixed-step no-lock).",
         "",
     ]
+    suite = report.get("trained_suite")
+    if suite is not None:
+        out += [f"`exact match`: the run's outputs, each read up to its first stop token, against the "
+                f"answers of the {suite} suite's held-out problems (the prompts); the benchmark never",
+                "prints a trained model's speed-up without it.", ""]
+    else:
+        out += ["`exact match`: n/a, random weights (no task to be right on).", ""]
     for cell in report["cells"]:
         out.append(f"## gen_length {cell['gen_length']}, batch {cell['batch']} (block {cell['block_length']})")
         out.append("")
         out.append("| " + " | ".join(COLUMNS) + " |")
         out.append("|" + "---|" * len(COLUMNS))
-        for row in cell_rows(cell):
+        for row in cell_rows(cell, suite is not None):
             out.append("| " + " | ".join(row) + " |")
         out.append("")
         if lines := repeat_lines(cell):

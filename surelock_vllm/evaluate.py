@@ -1,7 +1,14 @@
-"""Quality vs compute of SureLock on the shipped trained model, through the vLLM plugin.
+"""Quality vs compute of SureLock on the shipped trained models, through the vLLM plugin.
 
     surelock-eval                                   # tables, JSON and plots in docs/eval/
     surelock-eval --eps 5e-4 5e-3 --per-task 20     # a quicker look
+    surelock-eval --suite long --out-dir docs/eval-long   # the long-answer model at gen_length 256
+
+`--suite short` (default) evaluates `checkpoints/llada-small` on its short
+tasks at gen_length 32; `--suite long` evaluates `checkpoints/llada-long` on
+answers of 64-250 tokens at gen_length 256, block 32, steps 256 (the
+SureLock paper's length), unless `--model` / `--gen-length` / ... say
+otherwise.
 
 One engine. The held-out problems (`surelock_vllm.tasks`, never seen in
 training) run as one batch with the no-lock sampler, then with SureLock at
@@ -25,11 +32,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from surelock_vllm.tasks import TASKS, heldout_problems, is_correct
+from surelock_vllm.tasks import SUITES, heldout_problems, is_correct
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "llada-small"
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+DEFAULT_MODEL = CHECKPOINTS / "llada-small"
 DEFAULT_EPS = [5e-4, 1e-3, 5e-3, 5e-2, 0.5, 2.0, 10.0]
 DEFAULT_THRESHOLDS = [0.7, 0.8, 0.9, 0.95]
+# per suite: (model, gen_length, steps, block_length, make target that trains the model)
+SUITE_DEFAULTS = {
+    "short": (None, 32, 32, 8, "make train"),
+    "long": ("llada-long", 256, 256, 32, "make train-long"),
+}
+
+
+def token_accuracy(answer: str, completion: str) -> float:
+    """Fraction of the answer's tokens, and the end of turn after them, that the completion has
+    at the same position (the tokenizer is byte-level, so a token is a byte; the completion is
+    read up to its stop token, as `is_correct` reads it)."""
+    target, got = answer.encode() + b"\x00", completion.strip().encode() + b"\x00"
+    return sum(a == b for a, b in zip(target, got)) / len(target)
 
 
 @dataclass(frozen=True)
@@ -72,15 +93,17 @@ def run_config(llm, conversations, params):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--suite", choices=sorted(SUITES), default="short",
+                        help="the task suite and its model and canvas defaults (module docstring)")
+    parser.add_argument("--model", default=None, help="default: the suite's shipped model")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--eps", type=float, nargs="+", default=DEFAULT_EPS)
     parser.add_argument("--confidence-gate", type=float, default=None,
                         help="also require this confidence before locking (surelock_confidence_gate)")
     parser.add_argument("--per-task", type=int, default=50, help="held-out problems per task (at most 50)")
-    parser.add_argument("--gen-length", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--block-length", type=int, default=8)
+    parser.add_argument("--gen-length", type=int, default=None, help="default: 32 (short), 256 (long)")
+    parser.add_argument("--steps", type=int, default=None, help="default: gen_length")
+    parser.add_argument("--block-length", type=int, default=None, help="default: 8 (short), 32 (long)")
     parser.add_argument("--rule-eps", type=float, nargs="*", default=[5e-4, 5e-3, 5e-2],
                         help="eps of the lock-rule comparison: Algorithm 1's rule at each, both rules with "
                              "the 20%% gate and the paper preset at the middle one (none: skip it)")
@@ -91,8 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("docs/eval"))
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
-    if Path(args.model) == DEFAULT_MODEL and not (DEFAULT_MODEL / "config.json").exists():
-        parser.error(f"--model: no trained checkpoint at {DEFAULT_MODEL}; train one with `make train` "
+    model_name, gen_length, steps, block_length, train_target = SUITE_DEFAULTS[args.suite]
+    default_model = DEFAULT_MODEL if model_name is None else CHECKPOINTS / model_name
+    args.model = args.model or str(default_model)
+    args.gen_length = args.gen_length or gen_length
+    args.steps = args.steps or (steps if args.gen_length == gen_length else args.gen_length)
+    args.block_length = args.block_length or (block_length if args.gen_length % block_length == 0
+                                              else args.gen_length)
+    if Path(args.model) == default_model and not (default_model / "config.json").exists():
+        parser.error(f"--model: no trained checkpoint at {default_model}; train one with `{train_target}` "
                      "(surelock_vllm/tools/train_small.py) or pass --model")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
 
@@ -102,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from surelock_vllm.bench import aggregate, describe_device
 
-    problems = _first_per_task(heldout_problems(), args.per_task)
+    tasks = sorted(SUITES[args.suite])
+    problems = _first_per_task(heldout_problems(suite=args.suite), args.per_task)
     conversations = [[{"role": "user", "content": p.prompt}] for p in problems]
     extra = {"gpu_memory_utilization": 0.3} if current_platform.is_cpu() else {}
+    # the whole held-out set in one batch: every canvas (prompt + gen_length) fits a step
+    batched_tokens = max(32768, len(problems) * (300 + args.gen_length))
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, block_size=32, enforce_eager=True,
-              max_num_seqs=len(problems), max_num_batched_tokens=32768, seed=0, **extra)
+              max_num_seqs=len(problems), max_num_batched_tokens=batched_tokens, seed=0, **extra)
 
     def params(config: EvalConfig):
         diffusion = {"gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length}
@@ -160,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     baseline_agg = aggregate(stats[baseline])
     report = {
         "command": "surelock-eval " + " ".join(sys.argv[1:] if argv is None else argv),
+        "suite": args.suite, "tasks": tasks,
+        "answer_tokens_mean": _mean(len(p.answer.encode()) for p in problems),
         "model": args.model, "dtype": args.dtype, "device": describe_device(),
         "gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length,
         "confidence_gate": args.confidence_gate, "problems": len(problems),
@@ -167,13 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     for c in configs:
         correct = [is_correct(p, t) for p, t in zip(problems, texts[c])]
-        per_task = {task: _mean([ok for p, ok in zip(problems, correct) if p.task == task]) for task in sorted(TASKS)}
+        per_task = {task: _mean([ok for p, ok in zip(problems, correct) if p.task == task]) for task in tasks}
+        token_acc = [token_accuracy(p.answer, t) for p, t in zip(problems, texts[c])]
         agg = aggregate(stats[c])
         report["runs"].append({
             "label": c.label, "eps": c.eps, "threshold": c.threshold, "rule": c.rule, "gate": c.gate,
             "in_grid": c.threshold is not None or (
                 bool(args.thresholds) and c.rule is None and c.gate is None and c.eps in (None, args.grid_eps)),
             "accuracy": _mean(correct), "accuracy_per_task": per_task,
+            "token_accuracy": _mean(token_acc),
+            "token_accuracy_per_task": {task: _mean(a for p, a in zip(problems, token_acc) if p.task == task)
+                                        for task in tasks},
+            "output_tokens_mean": _mean(len(t.strip().encode()) for t in texts[c]),
             "agreement_with_nolock": _mean([a == b for a, b in zip(texts[c], texts[baseline])]),
             "flops_ratio": agg["flops_ratio"], "dense_ratio": agg["dense_ratio"],
             "attention_ratio": agg["attention_ratio"], "rows": agg["rows"], "rows_nolock": agg["rows_nolock"],
@@ -221,15 +261,15 @@ def _mean(values) -> float:
 
 
 def markdown_table(report: dict) -> str:
-    tasks = sorted(TASKS)
-    head = ["run", "exact match", *tasks, "agree w/ no-lock", "FLOPs saved", "dense", "attn", "rows computed", "wall-clock"]
+    tasks = report["tasks"]
+    head = ["run", "exact match", *tasks, "token acc.", "agree w/ no-lock", "FLOPs saved", "dense", "attn", "rows computed", "wall-clock"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in report["runs"]:
         if run.get("threshold") is not None:
             continue  # the fewer-steps grid has its own table
         lines.append("| " + " | ".join([
             run["label"], f"{run['accuracy']:.1%}", *(f"{run['accuracy_per_task'][t]:.0%}" for t in tasks),
-            f"{run['agreement_with_nolock']:.1%}", f"{1 - run['flops_ratio']:.1%}", f"{run['dense_ratio']:.3f}",
+            f"{run['token_accuracy']:.1%}", f"{run['agreement_with_nolock']:.1%}", f"{1 - run['flops_ratio']:.1%}", f"{run['dense_ratio']:.3f}",
             f"{run['attention_ratio']:.3f}", f"{run['rows']} ({run['rows_ratio']:.3f})", f"{run['wall_ratio']:.2f}x",
         ]) + " |")
     return "\n".join(lines)
@@ -258,14 +298,18 @@ def markdown_report(report: dict) -> str:
     nolock = report["runs"][0]
     gate = report["confidence_gate"]
     out = [
-        "# SureLock quality vs compute (shipped trained model)",
+        f"# SureLock quality vs compute ({report['suite']} answers, shipped trained model)",
         "",
         f"Command: `{report['command']}`  ",
         f"Model: `{Path(report['model']).name}` ({report['dtype']}); device: {report['device']}.  ",
-        f"{report['problems']} held-out problems (never in training), greedy, low-confidence remasking, "
+        f"{report['problems']} held-out problems (never in training) of the {report['suite']} suite, "
+        f"answers of {report['answer_tokens_mean']:.1f} tokens on average (no-lock's outputs: "
+        f"{nolock['output_tokens_mean']:.1f}), greedy, low-confidence remasking, "
         f"gen_length {report['gen_length']}, steps {report['steps']}, block_length {report['block_length']}"
         + (f", confidence gate {gate}" if gate is not None else "") + ".",
         "",
+        "`exact match`: the whole answer right (per task in the task columns); `token acc.`: the",
+        "fraction of the answer's tokens and its end of turn that the output has at the same position.",
         "`FLOPs saved` is algorithmic (by formula, dense + attention, LM head excluded) relative to the",
         "same sampler without locking; `dense`/`attn` are the ratios of each part; `rows computed` is",
         "the number of query rows the model ran (and its ratio to no-lock); `wall-clock` is the median",

@@ -1,12 +1,22 @@
-"""Problems with exactly checkable answers, for training and evaluating the shipped model.
+"""Problems with exactly checkable answers, for training and evaluating the shipped models.
 
-Six tasks (arithmetic, string and list manipulation, lookups), each a
+Two suites. `short` (`TASKS`), the shipped `checkpoints/llada-small`'s: six tasks (arithmetic, string and list manipulation, lookups), each a
 generator of `Problem(task, prompt, answer)` from a `random.Random`. Answers
 run from 2 to 21 bytes (the tokenizer is byte-level), so with the end-of-turn
 token they cover up to three of the four 8-token blocks of a 32-token
 generation. The sizes were cut down until a 4-layer model trained on the CPU
 (tools/train_small.py) learned most of them; after that training lookup
 is still at chance (docs/eval/eval.md). Plain Python, no torch or vLLM.
+
+`long` (`LONG_TASKS`), the shipped `checkpoints/llada-long`'s: answers of 64
+to 250 bytes, the regime of LLaDA-8B users' answers and of the SureLock
+paper (gen_length 256), where one wrong token of a hundred fails the
+problem. Most are copies with a per-token rule (a word passage copied,
+uppercased, Caesar-shifted, joined by dashes, with one word replaced); two
+need more than a copy: the words in reverse order, and a worked addition
+chain that writes every intermediate sum (`23+45=68; 68-7=61; ...`), the
+nearest thing to a GSM8K trace a small model can learn. Which of them the
+shipped model learns is in docs/eval-long/.
 
 Held-out problems come from their own seed, and the training stream skips any
 prompt that is in the held-out set, so evaluation never sees a training item.
@@ -27,7 +37,10 @@ WORDS = (
 LETTERS = string.ascii_lowercase
 
 EVAL_SEED = 20260
+LONG_EVAL_SEED = 20261
 HELDOUT_PER_TASK = 50
+# the long suite's answers, in bytes (the canvas is 256 tokens: the answer, then <|eot_id|>)
+LONG_MIN_BYTES, LONG_MAX_BYTES = 64, 250
 
 
 @dataclass(frozen=True)
@@ -74,18 +87,93 @@ def _lookup(rng: random.Random) -> Problem:
 TASKS = {"add": _add, "reverse": _reverse, "sort": _sort, "upper": _upper, "repeat": _repeat, "lookup": _lookup}
 
 
-def make_problem(rng: random.Random, task: str | None = None) -> Problem:
-    return TASKS[task or rng.choice(sorted(TASKS))](rng)
+# --- the long suite -------------------------------------------------------------------
 
 
-def heldout_problems(per_task: int = HELDOUT_PER_TASK, seed: int = EVAL_SEED) -> list[Problem]:
-    """`per_task` distinct problems of every task, the evaluation set."""
-    rng = random.Random(seed)
+def _passage(rng: random.Random, min_bytes: int = 80, max_bytes: int = 200) -> str:
+    """Words from WORDS, between `min_bytes` and `max_bytes` long."""
+    target = rng.randint(min_bytes, max_bytes)
+    words: list[str] = []
+    while len(" ".join(words)) < target:
+        words.append(rng.choice(WORDS))
+    while len(" ".join(words)) > max_bytes:
+        words.pop()
+    return " ".join(words)
+
+
+def _copy(rng: random.Random) -> Problem:
+    text = _passage(rng)
+    return Problem("copy", f"Copy: {text}", text)
+
+
+def _upcase(rng: random.Random) -> Problem:
+    text = _passage(rng)
+    return Problem("upcase", f"Uppercase: {text}", text.upper())
+
+
+def _caesar(rng: random.Random) -> Problem:
+    text, shift = _passage(rng), rng.randint(1, 3)
+    shifted = "".join(c if c == " " else LETTERS[(LETTERS.index(c) + shift) % 26] for c in text)
+    return Problem("caesar", f"Shift by {shift}: {text}", shifted)
+
+
+def _dashes(rng: random.Random) -> Problem:
+    text = _passage(rng)
+    return Problem("dashes", f"Join with dashes: {text}", text.replace(" ", "-"))
+
+
+def _replace(rng: random.Random) -> Problem:
+    text = _passage(rng)
+    old = rng.choice(text.split())
+    new = rng.choice([w for w in WORDS if w != old])
+    answer = " ".join(new if w == old else w for w in text.split())
+    return Problem("replace", f"Replace {old} with {new}: {text}", answer)
+
+
+def _reverse_words(rng: random.Random) -> Problem:
+    text = _passage(rng, 64, 160)
+    return Problem("reverse_words", f"Reverse the words: {text}", " ".join(reversed(text.split())))
+
+
+def _chain(rng: random.Random) -> Problem:
+    start = total = rng.randint(10, 99)
+    terms, lines = [], []
+    length = rng.randint(70, 100)
+    while len("; ".join(lines)) < length - 12:
+        term = rng.randint(10, 99)
+        op = "-" if total >= term and (rng.random() < 0.4 or total + term > 999) else "+"
+        new = total - term if op == "-" else total + term
+        lines.append(f"{total}{op}{term}={new}")
+        terms.append(f"{op}{term}")
+        total = new
+    return Problem("chain", f"Add up step by step: {start} " + " ".join(terms), "; ".join(lines))
+
+
+LONG_TASKS = {"copy": _copy, "upcase": _upcase, "caesar": _caesar, "dashes": _dashes, "replace": _replace,
+              "reverse_words": _reverse_words, "chain": _chain}
+SUITES = {"short": TASKS, "long": LONG_TASKS}
+HELDOUT_SEEDS = {"short": EVAL_SEED, "long": LONG_EVAL_SEED}
+
+
+def _suite(suite: str) -> dict:
+    if suite not in SUITES:
+        raise ValueError(f"suite: expected one of {sorted(SUITES)}, got {suite!r}")
+    return SUITES[suite]
+
+
+def make_problem(rng: random.Random, task: str | None = None, suite: str = "short") -> Problem:
+    tasks = _suite(suite)
+    return tasks[task or rng.choice(sorted(tasks))](rng)
+
+
+def heldout_problems(per_task: int = HELDOUT_PER_TASK, seed: int | None = None, suite: str = "short") -> list[Problem]:
+    """`per_task` distinct problems of every task of `suite`, its evaluation set (its own seed)."""
+    rng = random.Random(HELDOUT_SEEDS[suite] if seed is None else seed)
     problems: list[Problem] = []
-    for task in sorted(TASKS):
+    for task in sorted(_suite(suite)):
         seen: set[str] = set()
         while len(seen) < per_task:
-            p = make_problem(rng, task)
+            p = make_problem(rng, task, suite)
             if p.prompt not in seen:
                 seen.add(p.prompt)
                 problems.append(p)
@@ -93,17 +181,17 @@ def heldout_problems(per_task: int = HELDOUT_PER_TASK, seed: int = EVAL_SEED) ->
 
 
 def training_stream(seed: int, exclude: set[str], tasks: list[str] | None = None,
-                    weights: dict[str, float] | None = None):
-    """Endless training problems, none of whose prompts is in `exclude`.
+                    weights: dict[str, float] | None = None, suite: str = "short"):
+    """Endless training problems of `suite`, none of whose prompts is in `exclude`.
 
-    Tasks are drawn from `tasks` (default all) in proportion to `weights`
-    (default 1 each).
+    Tasks are drawn from `tasks` (default all of the suite) in proportion to
+    `weights` (default 1 each).
     """
     rng = random.Random(seed)
-    names = sorted(tasks or TASKS)
+    names = sorted(tasks or _suite(suite))
     odds = [(weights or {}).get(name, 1.0) for name in names]
     while True:
-        p = make_problem(rng, rng.choices(names, odds)[0])
+        p = make_problem(rng, rng.choices(names, odds)[0], suite)
         if p.prompt not in exclude:
             yield p
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from conftest import CHECKPOINT
+from conftest import CHECKPOINT, SHIPPED_MODEL
 from surelock_vllm import bench
+from surelock_vllm.tasks import is_correct
 
 
 @pytest.mark.engine
@@ -44,6 +45,47 @@ def test_benchmark_cell_with_thresholds_passes_its_correctness_gate(tmp_path, mo
     assert "| thr=0.6 eps=0.005 |" in table and "| steps |" in table
     paired = " ".join(f"{x:.2f}" for x in lock["speedup_vs_nolock_by_repeat"])
     assert f"- eps=0.005: {paired};" in table
+    # random weights: no task to be right on, and the table says so rather than leaving it out
+    assert "exact_match" not in lock and "| n/a (random) |" in table
+
+
+@pytest.mark.engine
+def test_trained_model_runs_report_exact_match_computed_from_their_outputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    out = tmp_path / "bench"
+    # the shipped trained model in its trained range (gen 32, block 8), a tiny slice: 3 problems
+    assert bench.main(["--model", str(SHIPPED_MODEL), "--gen-lengths", "32", "--batch-sizes", "3", "--eps", "5e-3",
+                       "--thresholds", "0.9", "--block-length", "8", "--repeats", "1", "--control-max-batch", "0",
+                       "--out-dir", str(out), "--no-plots"]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["trained_suite"] == "short"
+    problems = bench.build_problems(3, "short")
+    table = (out / "bench.md").read_text()
+    assert "| run | exact match |" in table
+    for label, run in report["cells"][0]["runs"].items():
+        outputs = run["outputs"]
+        assert [o["answer"] for o in outputs] == [p.answer for p in problems]
+        correct = [is_correct(p, o["output"]) for p, o in zip(problems, outputs)]
+        assert [o["correct"] for o in outputs] == correct
+        assert run["exact_match"] == sum(correct) / 3
+        assert f"| {label} | {run['exact_match']:.0%} |" in table
+    # the shipped model answers its held-out problems in its range (not a column of zeros)
+    assert report["cells"][0]["runs"]["no-lock"]["exact_match"] > 0
+
+
+def test_a_trained_run_without_exact_match_is_not_printed():
+    run = {"median_s": 1.0}
+    with pytest.raises(ValueError, match="exact match"):
+        bench.exact_match_cell(run, trained=True)
+    assert bench.exact_match_cell({"exact_match": 2 / 3}, trained=True) == "67%"
+    assert bench.exact_match_cell(run, trained=False) == "n/a (random)"
+
+
+def test_trained_suite_comes_from_the_training_log(tmp_path):
+    assert bench.trained_suite(str(CHECKPOINT)) is None  # random weights
+    assert bench.trained_suite(str(SHIPPED_MODEL)) == "short"  # trained before the long suite existed
+    (tmp_path / "training_log.json").write_text(json.dumps({"suite": "long"}))
+    assert bench.trained_suite(str(tmp_path)) == "long"
 
 
 def test_gate_message_names_the_eps0_control_only_where_it_ran():

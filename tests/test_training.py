@@ -95,3 +95,80 @@ def test_training_smoke_run_writes_a_loadable_checkpoint(tmp_path):
     assert json.loads((out3 / "training_log.json").read_text())["init_from_training_log"] == log
     for name, value in LLaDAReferenceLM.from_pretrained(out3).state_dict().items():
         assert torch.equal(value, model.state_dict()[name]), name
+
+
+# --- the long suite (checkpoints/llada-long) ------------------------------------------------
+
+
+def test_long_suite_answers_are_long_checkable_and_fit_a_256_canvas():
+    from surelock_vllm.tasks import LONG_MAX_BYTES, LONG_MIN_BYTES, LONG_TASKS
+
+    heldout = heldout_problems(suite="long")
+    assert heldout == heldout_problems(suite="long") and {p.task for p in heldout} == set(LONG_TASKS)
+    # its own seed: not the short suite's problems under other names
+    assert not {p.prompt for p in heldout} & {p.prompt for p in heldout_problems()}
+    lengths = [len(p.answer.encode()) for p in heldout]
+    assert LONG_MIN_BYTES <= min(lengths) and max(lengths) <= LONG_MAX_BYTES
+    assert sum(lengths) / len(lengths) >= 100  # the regime: answers of 100+ tokens on average
+    encoder = train_small.ExampleEncoder(build_tokenizer(), response_length=256)
+    for p in heldout:
+        assert is_correct(p, f" {p.answer}\n") and not is_correct(p, p.answer[:-1])
+        response = encoder.response_ids(p)
+        assert len(response) == 256 and encoder.tokenizer.decode(response[: response.index(encoder.eot)]) == p.answer
+
+
+def test_long_suite_answers_follow_their_rule():
+    rng = random.Random(3)
+    for _ in range(50):
+        p = make_problem(rng, "caesar", suite="long")
+        shift = int(p.prompt.split()[2].rstrip(":"))
+        text = p.prompt.split(": ", 1)[1]
+        # shifting back by the same amount gives the passage
+        back = "".join(c if c == " " else chr((ord(c) - 97 - shift) % 26 + 97) for c in p.answer)
+        assert back == text and p.answer != text
+        chain = make_problem(rng, "chain", suite="long")
+        start, *terms = chain.prompt.split(": ")[1].split()
+        total = int(start)
+        for term, line in zip(terms, chain.answer.split("; "), strict=True):
+            new = total + int(term)
+            assert line == f"{total}{term[0]}{term[1:]}={new}" and 0 <= new <= 999
+            total = new
+        words = make_problem(rng, "reverse_words", suite="long")
+        assert words.answer.split() == words.prompt.split(": ")[1].split()[::-1]
+
+
+def test_long_training_stream_never_yields_a_heldout_prompt():
+    heldout = {p.prompt for p in heldout_problems(suite="long")}
+    stream = training_stream(seed=0, exclude=heldout, suite="long")
+    drawn = [next(stream) for _ in range(3000)]
+    assert not heldout & {p.prompt for p in drawn}
+    assert {p.task for p in drawn} == {p.task for p in heldout_problems(suite="long")}
+    with pytest.raises(ValueError, match="suite"):
+        next(training_stream(seed=0, exclude=set(), suite="medium"))
+
+
+def test_a_stopped_and_resumed_run_gives_the_uninterrupted_weights(tmp_path):
+    args = ["--preset", "tiny", "--suite", "long", "--response-length", "256", "--steps", "5", "--batch-size", "2",
+            "--first-steps", "2", "--eval-every", "0", "--save-every", "2", "--cpu"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train_small.main([str(whole), *args])
+    # stopped after 3 steps (past the curriculum's first phase, between saves), then resumed
+    train_small.main([str(split), *args, "--resume", "--stop-after", "3"])
+    assert torch.load(split / train_small.STATE_FILE, weights_only=False)["step"] == 3
+    train_small.main([str(split), *args, "--resume"])
+    a = torch.load(whole / train_small.STATE_FILE, weights_only=False)
+    b = torch.load(split / train_small.STATE_FILE, weights_only=False)
+    assert a["step"] == b["step"] == 5
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    assert [e["loss"] for e in a["log"]] == [e["loss"] for e in b["log"]]
+    assert (whole / "model.safetensors").read_bytes() == (split / "model.safetensors").read_bytes()
+    # resuming another run's state is refused, naming the flag
+    with pytest.raises(SystemExit, match="--resume"):
+        train_small.main([str(split), *args[:-3], "--save-every", "3", "--cpu", "--resume", "--lr", "1e-4"])
+
+
+def test_suite_flags_are_checked_against_the_suite(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_small.main([str(tmp_path / "x"), "--suite", "long", "--first-tasks", "upper"])
+    assert "--first-tasks" in capsys.readouterr().err

@@ -50,14 +50,17 @@ import torch.nn.functional as F
 
 from surelock_vllm.configuration_llada import LLaDAConfig
 from surelock_vllm.reference.modeling import LLaDAReferenceLM, apply_rotary, rotary_cos_sin
-from surelock_vllm.tasks import TASKS, Problem, heldout_problems, is_correct, training_stream
+from surelock_vllm.tasks import SUITES, Problem, heldout_problems, is_correct, training_stream
 from surelock_vllm.tools.make_checkpoint import (
     PRESETS, build_tokenizer, chat_prompt_ids, llada_config, write_checkpoint,
 )
 
 MASK_EPS = 1e-3  # LLaDA's floor on the masking probability
 # after the curriculum's first phase: tasks that need more than copying come up twice as often
-TASK_WEIGHTS = {"add": 2.0, "sort": 2.0, "reverse": 2.0}
+TASK_WEIGHTS = {"short": {"add": 2.0, "sort": 2.0, "reverse": 2.0},
+                "long": {"chain": 2.0, "reverse_words": 1.5, "caesar": 1.5}}
+FIRST_TASKS = {"short": ["upper"], "long": ["copy"]}
+STATE_FILE = "train_state.pt"  # what --resume continues from (fp32 weights, optimizer, random streams)
 
 
 class ExampleEncoder:
@@ -138,7 +141,7 @@ def diffusion_loss(model, ids, valid, response, mask_id: int, response_length: i
 
 @torch.no_grad()
 def quick_accuracy(model, encoder: ExampleEncoder, problems: list[Problem], mask_id: int) -> dict[str, float]:
-    """Exact match with the reference sampler (greedy, low-confidence, 4 blocks)."""
+    """Exact match with the reference sampler (greedy, low-confidence, 4 blocks, one step a token)."""
     from surelock_vllm.diffusion.options import DiffusionOptions
     from surelock_vllm.reference.sampler import reference_generate
 
@@ -189,18 +192,37 @@ def train(args) -> Path:
         model.load_state_dict(LLaDAReferenceLM.from_pretrained(args.init_from).state_dict())
     model.to(device).train()
     encoder = ExampleEncoder(tokenizer, args.response_length)
-    heldout = heldout_problems()
+    heldout = heldout_problems(suite=args.suite)
     exclude = {p.prompt for p in heldout}
     earlier = None if args.init_from is None else Path(args.init_from) / "training_log.json"
     earlier_log = json.loads(earlier.read_text()) if earlier is not None and earlier.exists() else None
-    first_stream = training_stream(args.seed, exclude, tasks=args.first_tasks)
-    stream = training_stream(args.seed + 1, exclude, tasks=args.tasks, weights=args.task_weights)
-    probe = [p for i, p in enumerate(heldout) if i % 10 == 0 and (not args.tasks or p.task in args.tasks)]
+    first_stream = training_stream(args.seed, exclude, tasks=args.first_tasks, suite=args.suite)
+    stream = training_stream(args.seed + 1, exclude, tasks=args.tasks, weights=args.task_weights, suite=args.suite)
+    probe_every = 10 if args.suite == "short" else 50  # the long suite's probe: one problem a task
+    probe = [p for i, p in enumerate(heldout) if i % probe_every == 0 and (not args.tasks or p.task in args.tasks)]
     generator = torch.Generator().manual_seed(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     log: list[dict] = []
-    start = time.perf_counter()
-    bar = tqdm(range(args.steps), desc="train", unit="step")
+    first_step, elapsed_before = 0, 0.0
+    state_path = Path(args.out) / STATE_FILE
+    if args.resume and state_path.exists():
+        # Continue where the last save stopped: same weights, optimizer moments, masking
+        # generator and position in both problem streams (replayed: problems are cheap).
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        if state["argv"] != _run_defining_args(args):
+            raise SystemExit(f"--resume: {state_path} was written by a run with other arguments "
+                             f"({state['argv']}); pass the same ones or another output directory")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        first_step, log, elapsed_before = state["step"], state["log"], state["elapsed_s"]
+        for step in range(first_step):
+            source = first_stream if step < args.first_steps else stream
+            for _ in range(args.batch_size):
+                next(source)
+        print(f"resumed {state_path} at step {first_step}")
+    start = time.perf_counter() - elapsed_before
+    bar = tqdm(range(first_step, args.steps), desc="train", unit="step", initial=first_step, total=args.steps)
     for step in bar:
         source = first_stream if step < args.first_steps else stream
         examples = [(encoder.prompt_ids(p), encoder.response_ids(p)) for p in (next(source) for _ in range(args.batch_size))]
@@ -220,7 +242,37 @@ def train(args) -> Path:
         log.append(entry)
         if args.save_every and (step + 1) % args.save_every == 0:
             _save(model, args, log, earlier_log)
+            _save_state(state_path, model, opt, generator, step + 1, log, time.perf_counter() - start, args)
+        if args.stop_after and step + 1 - first_step >= args.stop_after:
+            _save_state(state_path, model, opt, generator, step + 1, log, time.perf_counter() - start, args)
+            print(f"stopped after {args.stop_after} steps at step {step + 1}; continue with --resume")
+            return _save(model, args, log, earlier_log)
+    _save_state(state_path, model, opt, generator, args.steps, log, time.perf_counter() - start, args)
     return _save(model, args, log, earlier_log)
+
+
+def _run_defining_args(args) -> list[str]:
+    """The command line without the flags that only say how this invocation runs."""
+    out, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            continue
+        elif a == "--stop-after":
+            skip = True
+        elif not a.startswith("--stop-after="):
+            out.append(a)
+    return out
+
+
+def _save_state(path: Path, model, opt, generator, step: int, log: list[dict], elapsed: float, args) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "generator": generator.get_state(), "log": log, "elapsed_s": elapsed,
+                "argv": _run_defining_args(args)}, tmp)
+    tmp.replace(path)  # a run killed mid-save keeps the previous state
 
 
 def _init_weights(model: LLaDAReferenceLM, config: LLaDAConfig, seed: int) -> None:
@@ -242,7 +294,8 @@ def _save(model: LLaDAReferenceLM, args, log: list[dict], earlier_log: dict | No
     out = write_checkpoint(args.out, args.preset, args.seed, args.max_sequence_length, state_dict=state)
     meta = {
         "command": "python -m surelock_vllm.tools.train_small " + " ".join(args.argv),
-        "preset": args.preset, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
+        "preset": args.preset, "suite": args.suite, "seed": args.seed, "steps": args.steps,
+        "batch_size": args.batch_size,
         "lr": args.lr, "response_length": args.response_length, "first_tasks": args.first_tasks,
         "first_steps": args.first_steps, "task_weights": args.task_weights,
         "init_from": None if args.init_from is None else str(args.init_from),
@@ -254,10 +307,13 @@ def _save(model: LLaDAReferenceLM, args, log: list[dict], earlier_log: dict | No
     return out
 
 
+ALL_TASKS = sorted({name for tasks in SUITES.values() for name in tasks})
+
+
 def _task_weight(text: str) -> tuple[str, float]:
     task, _, weight = text.partition("=")
-    if task not in TASKS or not weight:
-        raise argparse.ArgumentTypeError(f"expected TASK=WEIGHT with TASK one of {sorted(TASKS)}, got {text!r}")
+    if task not in ALL_TASKS or not weight:
+        raise argparse.ArgumentTypeError(f"expected TASK=WEIGHT with TASK one of {ALL_TASKS}, got {text!r}")
     return task, float(weight)
 
 
@@ -276,18 +332,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=1000, help="probe exact match every N steps (0: never)")
     parser.add_argument("--save-every", type=int, default=500)
-    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=None,
-                        help="after the first phase, train on these tasks only (default: all)")
-    parser.add_argument("--first-tasks", nargs="+", choices=sorted(TASKS), default=["upper"],
-                        help="the curriculum's first phase draws only these tasks")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="short",
+                        help="the task suite (surelock_vllm.tasks): short answers, or long ones (64-250 bytes, "
+                             "with --response-length 256)")
+    parser.add_argument("--tasks", nargs="+", choices=ALL_TASKS, default=None,
+                        help="after the first phase, train on these tasks only (default: all of the suite)")
+    parser.add_argument("--first-tasks", nargs="+", choices=ALL_TASKS, default=None,
+                        help=f"the curriculum's first phase draws only these tasks (default {FIRST_TASKS})")
     parser.add_argument("--first-steps", type=int, default=1000, help="length of the first phase (0: none)")
     parser.add_argument("--task-weights", nargs="+", type=_task_weight, default=None, metavar="TASK=WEIGHT",
                         help=f"odds of each task after the first phase (default {TASK_WEIGHTS}, others 1)")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"continue from OUT/{STATE_FILE} (written every --save-every steps) if it exists")
+    parser.add_argument("--stop-after", type=int, default=0,
+                        help="stop after this many steps of this invocation, saving the state for --resume")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even where CUDA is present")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint's weights (same --preset) instead of a fresh init")
     args = parser.parse_args(argv)
-    args.task_weights = dict(args.task_weights) if args.task_weights else dict(TASK_WEIGHTS)
+    suite_tasks = SUITES[args.suite]
+    args.first_tasks = args.first_tasks or FIRST_TASKS[args.suite]
+    args.task_weights = dict(args.task_weights) if args.task_weights else dict(TASK_WEIGHTS[args.suite])
+    for flag, names in (("--tasks", args.tasks or []), ("--first-tasks", args.first_tasks),
+                        ("--task-weights", args.task_weights)):
+        if unknown := sorted(set(names) - set(suite_tasks)):
+            parser.error(f"{flag}: {unknown} not in the {args.suite} suite ({sorted(suite_tasks)})")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     random.seed(args.seed)
     path = train(args)
