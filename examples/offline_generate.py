@@ -1,7 +1,12 @@
 """Offline generation with LLaDA through vLLM (`LLM.generate`).
 
     python examples/offline_generate.py                      # the shipped trained model (checkpoints/llada-small)
+    python examples/offline_generate.py --model checkpoints/llada-long   # the long-answer one, gen_length 256
     python examples/offline_generate.py --model GSAI-ML/LLaDA-8B-Instruct --dtype bfloat16
+
+Each shipped model answers only in the range it was trained for (its
+training_log.json): llada-small in a 32-token canvas (block 8), llada-long
+in a 256-token one (block 32). The demo uses that range and prints it.
 
 Diffusion options travel per request in `SamplingParams.extra_args`:
 gen_length (default: max_tokens), steps, block_length, remasking.
@@ -10,6 +15,7 @@ gen_length (default: max_tokens), steps, block_length, remasking.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from vllm import LLM, SamplingParams
@@ -19,19 +25,45 @@ from surelock_vllm.stats import surelock_stats
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 DEFAULT_MODEL = CHECKPOINTS / "llada-small"
+# the kinds of problem each shipped model was trained on (surelock_vllm/tasks.py), and its canvas
+QUESTIONS = {
+    "short": ["What is 58 + 67?", "Reverse: vllm", "Sort: 7 1 8 2 3",
+              "Uppercase: river stone light", "Repeat ab 4 times.", "k=moon, q=fire, z=lake. What is q?"],
+    "long": ["Copy: the red fox and the gray wolf walk by the river to the old stone bridge at night "
+             "under the moon and the stars",
+             "Uppercase: blue water and gold light fill the lake near the green hill where the bird and the frog live",
+             "Shift by 2: rain on the road and snow on the hill",
+             "Add up step by step: 25 +17 +46 -30 +58 +12 -19"],
+}
+CANVAS = {"short": (32, 8), "long": (256, 32)}  # (gen_length, block_length) of the training responses
+
+
+def trained_range(model: str) -> tuple[str, int] | None:
+    """(task suite, response length) a shipped model was trained on, from its training log."""
+    log = Path(model) / "training_log.json"
+    if not log.exists():
+        return None
+    meta = json.loads(log.read_text())
+    return meta.get("suite", "short"), meta["response_length"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--dtype", default="float32")
-    # llada-small was trained on 32-token responses: 4 blocks of 8, one token per step
-    parser.add_argument("--gen-length", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--block-length", type=int, default=8)
+    # default: the canvas the model was trained on (llada-small: 32 tokens, 4 blocks of 8), one token per step
+    parser.add_argument("--gen-length", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--block-length", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--no-surelock", dest="surelock", action="store_false", help="denoise without locking")
     args = parser.parse_args()
+    trained = trained_range(args.model)
+    suite = trained[0] if trained else "short"
+    gen_length, block_length = CANVAS[suite]
+    args.gen_length = args.gen_length or gen_length
+    args.steps = args.steps or args.gen_length
+    args.block_length = args.block_length or (block_length if args.gen_length % block_length == 0 else args.gen_length)
 
     extra = {} if not current_platform.is_cpu() else {"gpu_memory_utilization": 0.3}
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, block_size=32, enforce_eager=True, **extra)
@@ -41,9 +73,7 @@ def main() -> None:
         extra_args={"steps": args.steps, "block_length": args.block_length, "remasking": "low_confidence",
                     "surelock": args.surelock},
     )
-    # Problems of the kinds surelock_vllm/tasks.py generates: the tasks llada-small was trained on.
-    questions = ["What is 58 + 67?", "Reverse: vllm", "Sort: 7 1 8 2 3",
-                 "Uppercase: river stone light", "Repeat ab 4 times.", "k=moon, q=fire, z=lake. What is q?"]
+    questions = QUESTIONS[suite]
     conversations = [[{"role": "user", "content": q}] for q in questions]
     outputs = llm.chat(conversations, params)
     if Path(args.model) == CHECKPOINTS / "llada-tiny":
@@ -54,6 +84,11 @@ def main() -> None:
         stats = surelock_stats(out)
         saved = f", SureLock saved {1 - stats['flops_ratio']:.0%} of FLOPs" if stats and args.surelock else ""
         print(f"\nQ: {question}\nA: {completion.text!r}  ({len(completion.token_ids)} tokens, {completion.finish_reason}{saved})")
+    if trained:
+        print(f"\nUsable range: {Path(args.model).name} was trained on the {trained[0]} task suite with "
+              f"{trained[1]}-token responses (gen_length {gen_length}, block_length {block_length}); "
+              "at other lengths its answers are wrong or empty."
+              + (" For answers of 100-250 tokens: --model checkpoints/llada-long." if suite == "short" else ""))
 
 
 if __name__ == "__main__":

@@ -69,3 +69,36 @@ def test_stepwise_locked_fraction_averages_the_requests_still_running():
     # a request that stopped after 2 steps (its answer ended in the first block) does not cut the curve short
     total = aggregate([stats([0.0, 0.5]), stats([0.0, 0.3, 0.6, 0.8])])
     assert total["locked_fraction_per_step"] == [0.0, 0.4, 0.6, 0.8]
+
+
+def test_token_accuracy_counts_positions_and_the_end_of_turn():
+    from surelock_vllm.evaluate import token_accuracy
+
+    assert token_accuracy("abcd", "abcd") == 1.0
+    assert token_accuracy("abcd", " abcd\n") == 1.0  # read as is_correct reads it
+    assert token_accuracy("abcd", "abxd") == 4 / 5
+    assert token_accuracy("abcd", "abc") == 3 / 5  # the missing token, and the end of turn too early
+    assert token_accuracy("abcd", "abcde") == 4 / 5  # every answer token, but no end of turn after them
+    assert token_accuracy("abcd", "") == 0.0
+
+
+@pytest.mark.engine
+def test_long_suite_evaluation_reports_its_tasks_and_token_accuracy(tmp_path, monkeypatch):
+    from surelock_vllm.tasks import LONG_TASKS
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    out = tmp_path / "eval-long"
+    # the tiny random checkpoint through the long suite's plumbing, at a short canvas to keep it quick
+    assert evaluate.main(["--suite", "long", "--model", str(CHECKPOINT), "--per-task", "1", "--eps", "0.5",
+                          "--gen-length", "64", "--rule-eps", "--thresholds", "--repeats", "1",
+                          "--out-dir", str(out), "--no-plots"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["suite"] == "long" and report["tasks"] == sorted(LONG_TASKS)
+    assert (report["gen_length"], report["steps"], report["block_length"]) == (64, 64, 32)
+    assert report["answer_tokens_mean"] > 64
+    for run in report["runs"]:
+        assert set(run["accuracy_per_task"]) == set(LONG_TASKS) == set(run["token_accuracy_per_task"])
+        assert 0 <= run["token_accuracy"] <= 1
+    table = (out / "eval.md").read_text()
+    assert "| reverse_words |" in table
+    assert "token acc." in table and "long suite" in table
