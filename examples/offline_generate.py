@@ -1,12 +1,13 @@
 """Offline generation with LLaDA through vLLM (`LLM.generate`).
 
     python examples/offline_generate.py                      # the shipped trained model (checkpoints/llada-small)
-    python examples/offline_generate.py --model checkpoints/llada-long   # the long-answer one, gen_length 256
+    python examples/offline_generate.py --model checkpoints/llada-long   # a long-answer model (make train-long)
     python examples/offline_generate.py --model GSAI-ML/LLaDA-8B-Instruct --dtype bfloat16
 
-Each shipped model answers only in the range it was trained for (its
-training_log.json): llada-small in a 32-token canvas (block 8), llada-long
-in a 256-token one (block 32). The demo uses that range and prints it.
+A trained model answers only in the range it was trained for (its
+training_log.json): llada-small in a 32-token canvas (block 8), a long-suite
+model (make train-long) in a 256-token one (block 32). The demo uses that
+range and prints it.
 
 Diffusion options travel per request in `SamplingParams.extra_args`:
 gen_length (default: max_tokens), steps, block_length, remasking.
@@ -88,7 +89,8 @@ def main() -> None:
         print(f"\nUsable range: {Path(args.model).name} was trained on the {trained[0]} task suite with "
               f"{trained[1]}-token responses (gen_length {gen_length}, block_length {block_length}); "
               "at other lengths its answers are wrong or empty."
-              + (" For answers of 100-250 tokens: --model checkpoints/llada-long." if suite == "short" else ""))
+              + (" For answers of 100-250 tokens: --model checkpoints/llada-long."
+                 if suite == "short" and (CHECKPOINTS / "llada-long" / "config.json").exists() else ""))
 
 
 if __name__ == "__main__":

@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rule-eps", type=float, nargs="*", default=[5e-4, 5e-3, 5e-2],
                         help="eps of the lock-rule comparison: Algorithm 1's rule at each, both rules with "
                              "the 20%% gate and the paper preset at the middle one (none: skip it)")
+    parser.add_argument("--no-paper-preset", dest="paper_preset", action="store_false",
+                        help="leave the paper preset and its one-block no-lock baseline out of the rule comparison "
+                             "(one block of gen_length has no end-of-turn stop: at 256 it denoises every position)")
     parser.add_argument("--thresholds", type=float, nargs="*", default=DEFAULT_THRESHOLDS,
                         help="confidence thresholds of the fewer-steps grid (none: skip the grid)")
     parser.add_argument("--grid-eps", type=float, default=5e-3, help="SureLock's eps in the fewer-steps grid")
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         middle = args.rule_eps[len(args.rule_eps) // 2]
         configs += [EvalConfig(eps=e, rule="algorithm1") for e in args.rule_eps]
         configs += [EvalConfig(eps=middle, gate=0.2), EvalConfig(eps=middle, rule="algorithm1", gate=0.2)]
-        configs += [EvalConfig(rule="paper"), EvalConfig(eps=middle, rule="paper")]
+        if args.paper_preset:
+            configs += [EvalConfig(rule="paper"), EvalConfig(eps=middle, rule="paper")]
         configs = list(dict.fromkeys(configs))
     grid = [EvalConfig(eps=e, threshold=t) for t in args.thresholds for e in (None, args.grid_eps)]
     if args.thresholds and EvalConfig(eps=args.grid_eps) not in configs:
@@ -275,6 +279,16 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def per_task_table(report: dict) -> str:
+    """Exact match / token accuracy per task, for each run of the eps table."""
+    runs = [r for r in report["runs"] if r.get("threshold") is None]
+    lines = ["| task | " + " | ".join(r["label"] for r in runs) + " |", "|" + "---|" * (len(runs) + 1)]
+    for task in report["tasks"]:
+        lines.append(f"| {task} | " + " | ".join(
+            f"{r['accuracy_per_task'][task]:.0%} / {r['token_accuracy_per_task'][task]:.1%}" for r in runs) + " |")
+    return "\n".join(lines)
+
+
 def grid_table(report: dict) -> str:
     """The fewer-steps grid: fixed steps vs confidence thresholds, SureLock off and on."""
     baseline = report["runs"][0]
@@ -321,6 +335,10 @@ def markdown_report(report: dict) -> str:
         "next to no-lock at that block length (`no-lock, one block`), against which its FLOPs count.",
         "",
         markdown_table(report),
+        "",
+        "Per task, exact match / token accuracy:",
+        "",
+        per_task_table(report),
         "",
         "![step-wise FLOPs ratio](stepwise_flops_ratio.png)",
         "![accuracy vs FLOPs saved](accuracy_vs_flops.png)",

@@ -106,6 +106,15 @@ def _copy(rng: random.Random) -> Problem:
     return Problem("copy", f"Copy: {text}", text)
 
 
+def _copy_letters(rng: random.Random) -> Problem:
+    # random letters in groups of 2-6: no word list to guess from, only the prompt to copy
+    target, groups = rng.randint(80, 200), []
+    while len(" ".join(groups)) < target:
+        groups.append("".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 6))))
+    text = " ".join(groups)[:LONG_MAX_BYTES].strip()
+    return Problem("copy_letters", f"Copy the letters: {text}", text)
+
+
 def _upcase(rng: random.Random) -> Problem:
     text = _passage(rng)
     return Problem("upcase", f"Uppercase: {text}", text.upper())
@@ -149,7 +158,7 @@ def _chain(rng: random.Random) -> Problem:
     return Problem("chain", f"Add up step by step: {start} " + " ".join(terms), "; ".join(lines))
 
 
-LONG_TASKS = {"copy": _copy, "upcase": _upcase, "caesar": _caesar, "dashes": _dashes, "replace": _replace,
+LONG_TASKS = {"copy": _copy, "copy_letters": _copy_letters, "upcase": _upcase, "caesar": _caesar, "dashes": _dashes, "replace": _replace,
               "reverse_words": _reverse_words, "chain": _chain}
 SUITES = {"short": TASKS, "long": LONG_TASKS}
 HELDOUT_SEEDS = {"short": EVAL_SEED, "long": LONG_EVAL_SEED}

@@ -102,3 +102,4 @@ def test_long_suite_evaluation_reports_its_tasks_and_token_accuracy(tmp_path, mo
     table = (out / "eval.md").read_text()
     assert "| reverse_words |" in table
     assert "token acc." in table and "long suite" in table
+    assert "| reverse_words | " in table.split("Per task")[1]  # the per-task table
