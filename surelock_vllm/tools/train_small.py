@@ -2,6 +2,15 @@
 
     python -m surelock_vllm.tools.train_small out/llada-small-stage1       # ~55 min on 2 CPU cores
     python -m surelock_vllm.tools.train_small /tmp/smoke --steps 5         # smoke run
+    make train-long     # --suite long: 256-token responses (answers of 64-250 bytes), resumable
+
+`--suite long` trains on the long task suite (surelock_vllm.tasks) with
+`--response-length 256`; docs/long-answers.md has the runs so far. With
+`--resume`, a run continues from OUT/train_state.pt (fp32 weights, AdamW
+moments, the masking generator, and the position in both problem streams,
+saved every `--save-every` steps and at the end) to the weights an
+uninterrupted run has at the same step; `--stop-after N` stops an invocation
+after N steps with its state saved.
 
 The shipped checkpoints/llada-small is that run continued twice with
 `--init-from`: 5,000 steps with more addition and lookup problems, then 4,500
