@@ -5,7 +5,8 @@
     surelock-eval --suite long --out-dir docs/eval-long   # the long-answer model at gen_length 256
 
 `--suite short` (default) evaluates `checkpoints/llada-small` on its short
-tasks at gen_length 32; `--suite long` evaluates `checkpoints/llada-long` on
+tasks at gen_length 32; `--suite long` evaluates `checkpoints/llada-long` (`make
+train-long`; none ships yet) on
 answers of 64-250 tokens at gen_length 256, block 32, steps 256 (the
 SureLock paper's length), unless `--model` / `--gen-length` / ... say
 otherwise.
