@@ -90,8 +90,9 @@ TASKS = {"add": _add, "reverse": _reverse, "sort": _sort, "upper": _upper, "repe
 # --- the long suite -------------------------------------------------------------------
 
 
-def _passage(rng: random.Random, min_bytes: int = 80, max_bytes: int = 200) -> str:
-    """Words from WORDS, between `min_bytes` and `max_bytes` long."""
+def _passage(rng: random.Random, lengths: tuple[int, int] = (80, 200)) -> str:
+    """Words from WORDS, about `lengths` = (min, max) bytes long (at most max)."""
+    min_bytes, max_bytes = lengths
     target = rng.randint(min_bytes, max_bytes)
     words: list[str] = []
     while len(" ".join(words)) < target:
@@ -101,53 +102,53 @@ def _passage(rng: random.Random, min_bytes: int = 80, max_bytes: int = 200) -> s
     return " ".join(words)
 
 
-def _copy(rng: random.Random) -> Problem:
-    text = _passage(rng)
+def _copy(rng: random.Random, lengths: tuple[int, int] = (80, 200)) -> Problem:
+    text = _passage(rng, lengths)
     return Problem("copy", f"Copy: {text}", text)
 
 
-def _copy_letters(rng: random.Random) -> Problem:
+def _copy_letters(rng: random.Random, lengths: tuple[int, int] = (80, 200)) -> Problem:
     # random letters in groups of 2-6: no word list to guess from, only the prompt to copy
-    target, groups = rng.randint(80, 200), []
+    target, groups = rng.randint(*lengths), []
     while len(" ".join(groups)) < target:
         groups.append("".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 6))))
-    text = " ".join(groups)[:LONG_MAX_BYTES].strip()
+    text = " ".join(groups)[: min(lengths[1], LONG_MAX_BYTES)].strip()
     return Problem("copy_letters", f"Copy the letters: {text}", text)
 
 
-def _upcase(rng: random.Random) -> Problem:
-    text = _passage(rng)
+def _upcase(rng: random.Random, lengths: tuple[int, int] = (80, 200)) -> Problem:
+    text = _passage(rng, lengths)
     return Problem("upcase", f"Uppercase: {text}", text.upper())
 
 
-def _caesar(rng: random.Random) -> Problem:
-    text, shift = _passage(rng), rng.randint(1, 3)
+def _caesar(rng: random.Random, lengths: tuple[int, int] = (80, 200)) -> Problem:
+    text, shift = _passage(rng, lengths), rng.randint(1, 3)
     shifted = "".join(c if c == " " else LETTERS[(LETTERS.index(c) + shift) % 26] for c in text)
     return Problem("caesar", f"Shift by {shift}: {text}", shifted)
 
 
-def _dashes(rng: random.Random) -> Problem:
-    text = _passage(rng)
+def _dashes(rng: random.Random, lengths: tuple[int, int] = (80, 200)) -> Problem:
+    text = _passage(rng, lengths)
     return Problem("dashes", f"Join with dashes: {text}", text.replace(" ", "-"))
 
 
-def _replace(rng: random.Random) -> Problem:
-    text = _passage(rng)
+def _replace(rng: random.Random, lengths: tuple[int, int] = (80, 200)) -> Problem:
+    text = _passage(rng, lengths)
     old = rng.choice(text.split())
     new = rng.choice([w for w in WORDS if w != old])
     answer = " ".join(new if w == old else w for w in text.split())
     return Problem("replace", f"Replace {old} with {new}: {text}", answer)
 
 
-def _reverse_words(rng: random.Random) -> Problem:
-    text = _passage(rng, 64, 160)
+def _reverse_words(rng: random.Random, lengths: tuple[int, int] = (64, 160)) -> Problem:
+    text = _passage(rng, lengths)
     return Problem("reverse_words", f"Reverse the words: {text}", " ".join(reversed(text.split())))
 
 
-def _chain(rng: random.Random) -> Problem:
+def _chain(rng: random.Random, lengths: tuple[int, int] = (70, 100)) -> Problem:
     start = total = rng.randint(10, 99)
     terms, lines = [], []
-    length = rng.randint(70, 100)
+    length = rng.randint(*lengths)
     while len("; ".join(lines)) < length - 12:
         term = rng.randint(10, 99)
         op = "-" if total >= term and (rng.random() < 0.4 or total + term > 999) else "+"
@@ -170,9 +171,17 @@ def _suite(suite: str) -> dict:
     return SUITES[suite]
 
 
-def make_problem(rng: random.Random, task: str | None = None, suite: str = "short") -> Problem:
+def make_problem(rng: random.Random, task: str | None = None, suite: str = "short",
+                 answer_bytes: tuple[int, int] | None = None) -> Problem:
+    """One problem; `answer_bytes` = (min, max) sets the long suite's answer length (a training
+    curriculum's stage; the held-out set keeps each task's own range)."""
     tasks = _suite(suite)
-    return tasks[task or rng.choice(sorted(tasks))](rng)
+    generate = tasks[task or rng.choice(sorted(tasks))]
+    if answer_bytes is None:
+        return generate(rng)
+    if suite != "long":
+        raise ValueError("answer_bytes: only the long suite's tasks take a length range")
+    return generate(rng, answer_bytes)
 
 
 def heldout_problems(per_task: int = HELDOUT_PER_TASK, seed: int | None = None, suite: str = "short") -> list[Problem]:
@@ -190,7 +199,8 @@ def heldout_problems(per_task: int = HELDOUT_PER_TASK, seed: int | None = None, 
 
 
 def training_stream(seed: int, exclude: set[str], tasks: list[str] | None = None,
-                    weights: dict[str, float] | None = None, suite: str = "short"):
+                    weights: dict[str, float] | None = None, suite: str = "short",
+                    answer_bytes: tuple[int, int] | None = None):
     """Endless training problems of `suite`, none of whose prompts is in `exclude`.
 
     Tasks are drawn from `tasks` (default all of the suite) in proportion to
@@ -200,7 +210,7 @@ def training_stream(seed: int, exclude: set[str], tasks: list[str] | None = None
     names = sorted(tasks or _suite(suite))
     odds = [(weights or {}).get(name, 1.0) for name in names]
     while True:
-        p = make_problem(rng, rng.choices(names, odds)[0], suite)
+        p = make_problem(rng, rng.choices(names, odds)[0], suite, answer_bytes)
         if p.prompt not in exclude:
             yield p
 

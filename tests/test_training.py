@@ -172,3 +172,22 @@ def test_suite_flags_are_checked_against_the_suite(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_small.main([str(tmp_path / "x"), "--suite", "long", "--first-tasks", "upper"])
     assert "--first-tasks" in capsys.readouterr().err
+
+
+def test_answer_bytes_sets_the_training_lengths_of_the_long_suite(tmp_path, capsys):
+    heldout = {p.prompt for p in heldout_problems(suite="long")}
+    stage = training_stream(seed=0, exclude=heldout, suite="long", answer_bytes=(10, 40))
+    drawn = [next(stage) for _ in range(400)]
+    assert {p.task for p in drawn} == {p.task for p in heldout_problems(suite="long")}
+    for p in drawn:
+        assert len(p.answer.encode()) <= 40 + 12, p  # a chain line or a word may run past MAX by its own length
+    letters = [len(p.answer) for p in drawn if p.task == "copy_letters"]
+    assert letters and max(letters) <= 40 and min(letters) >= 8
+    with pytest.raises(ValueError, match="answer_bytes"):
+        make_problem(random.Random(0), "add", answer_bytes=(10, 40))
+    # the trainer's flag: long suite only, and the answer must fit the response
+    for bad in (["--suite", "short", "--answer-bytes", "10", "40"],
+                ["--suite", "long", "--response-length", "64", "--answer-bytes", "10", "64"]):
+        with pytest.raises(SystemExit):
+            train_small.main([str(tmp_path / "x"), *bad])
+        assert "--answer-bytes" in capsys.readouterr().err

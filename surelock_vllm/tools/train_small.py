@@ -205,8 +205,10 @@ def train(args) -> Path:
     exclude = {p.prompt for p in heldout}
     earlier = None if args.init_from is None else Path(args.init_from) / "training_log.json"
     earlier_log = json.loads(earlier.read_text()) if earlier is not None and earlier.exists() else None
-    first_stream = training_stream(args.seed, exclude, tasks=args.first_tasks, suite=args.suite)
-    stream = training_stream(args.seed + 1, exclude, tasks=args.tasks, weights=args.task_weights, suite=args.suite)
+    first_stream = training_stream(args.seed, exclude, tasks=args.first_tasks, suite=args.suite,
+                                   answer_bytes=args.answer_bytes)
+    stream = training_stream(args.seed + 1, exclude, tasks=args.tasks, weights=args.task_weights, suite=args.suite,
+                             answer_bytes=args.answer_bytes)
     probe_every = 10 if args.suite == "short" else 50  # the long suite's probe: one problem a task
     probe = [p for i, p in enumerate(heldout) if i % probe_every == 0 and (not args.tasks or p.task in args.tasks)]
     generator = torch.Generator().manual_seed(args.seed)
@@ -306,7 +308,7 @@ def _save(model: LLaDAReferenceLM, args, log: list[dict], earlier_log: dict | No
         "preset": args.preset, "suite": args.suite, "seed": args.seed, "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr, "response_length": args.response_length, "first_tasks": args.first_tasks,
-        "first_steps": args.first_steps, "task_weights": args.task_weights,
+        "first_steps": args.first_steps, "task_weights": args.task_weights, "answer_bytes": args.answer_bytes,
         "init_from": None if args.init_from is None else str(args.init_from),
         "device": str(next(model.parameters()).device), "log": log,
     }
@@ -351,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-steps", type=int, default=1000, help="length of the first phase (0: none)")
     parser.add_argument("--task-weights", nargs="+", type=_task_weight, default=None, metavar="TASK=WEIGHT",
                         help=f"odds of each task after the first phase (default {TASK_WEIGHTS}, others 1)")
+    parser.add_argument("--answer-bytes", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="long suite: train on answers of MIN-MAX bytes (a length curriculum's stage; "
+                             "the held-out set and its probe keep each task's own range)")
     parser.add_argument("--resume", action="store_true",
                         help=f"continue from OUT/{STATE_FILE} (written every --save-every steps) if it exists")
     parser.add_argument("--stop-after", type=int, default=0,
@@ -362,6 +367,13 @@ def main(argv: list[str] | None = None) -> None:
     suite_tasks = SUITES[args.suite]
     args.first_tasks = args.first_tasks or FIRST_TASKS[args.suite]
     args.task_weights = dict(args.task_weights) if args.task_weights else dict(TASK_WEIGHTS[args.suite])
+    if args.answer_bytes is not None:
+        low, high = args.answer_bytes
+        if args.suite != "long":
+            parser.error("--answer-bytes: only the long suite's tasks take a length range")
+        if not 1 <= low <= high < args.response_length:
+            parser.error(f"--answer-bytes: expected 1 <= MIN <= MAX < --response-length "
+                         f"({args.response_length}, the answer and its end of turn), got {low} {high}")
     for flag, names in (("--tasks", args.tasks or []), ("--first-tasks", args.first_tasks),
                         ("--task-weights", args.task_weights)):
         if unknown := sorted(set(names) - set(suite_tasks)):
