@@ -95,13 +95,6 @@ def build_problems(batch: int, suite: str = "short") -> list:
     return order[:batch]
 
 
-def build_prompts(tokenizer, batch: int, suite: str = "short") -> list[list[int]]:
-    """Chat prompts of held-out task problems (the trained model's kind of input)."""
-    from surelock_vllm.tools.make_checkpoint import chat_prompt_ids
-
-    return [chat_prompt_ids(tokenizer, problem.prompt) for problem in build_problems(batch, suite)]
-
-
 def answer_texts(tokenizer, outputs: list[list[int]]) -> list[str]:
     """Each output read as a chat answer: up to its first `<|endoftext|>` or `<|eot_id|>`."""
     stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")}
@@ -241,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     from surelock_vllm.reference.sampler import reference_generate
     from surelock_vllm.reference.surelock import reference_generate_surelock
     from surelock_vllm.tasks import is_correct
+    from surelock_vllm.tools.make_checkpoint import chat_prompt_ids
 
     cells = cells_for(args)
     extra = {"gpu_memory_utilization": 0.3} if current_platform.is_cpu() else {}
@@ -278,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         for gen_length, batch in cells:
             bar.set_postfix_str(f"gen {gen_length} batch {batch}")
             block = args.block_length if gen_length % args.block_length == 0 else gen_length
-            problems = build_problems(batch, suite or "short")
-            prompts = build_prompts(tokenizer, batch, suite or "short")
+            problems = build_problems(batch, suite or "short")  # chat prompts: the trained model's kind of input
+            prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in problems]
             configs_here = cell_configs(batch)
             results = {c: RunResult(c.label, c) for c in configs_here}
             run_engine(llm, prompts[:1], sampling_params(32, 32, nolock_config))  # warm-up

@@ -1,6 +1,7 @@
 """Problems with exactly checkable answers, for training and evaluating the shipped models.
 
-Two suites. `short` (`TASKS`), the shipped `checkpoints/llada-small`'s: six tasks (arithmetic, string and list manipulation, lookups), each a
+Two suites. `short` (`TASKS`), the shipped `checkpoints/llada-small`'s: six
+tasks (arithmetic, string and list manipulation, lookups), each a
 generator of `Problem(task, prompt, answer)` from a `random.Random`. Answers
 run from 2 to 21 bytes (the tokenizer is byte-level), so with the end-of-turn
 token they cover up to three of the four 8-token blocks of a 32-token
@@ -8,15 +9,17 @@ generation. The sizes were cut down until a 4-layer model trained on the CPU
 (tools/train_small.py) learned most of them; after that training lookup
 is still at chance (docs/eval/eval.md). Plain Python, no torch or vLLM.
 
-`long` (`LONG_TASKS`), the shipped `checkpoints/llada-long`'s: answers of 64
-to 250 bytes, the regime of LLaDA-8B users' answers and of the SureLock
-paper (gen_length 256), where one wrong token of a hundred fails the
-problem. Most are copies with a per-token rule (a word passage copied,
-uppercased, Caesar-shifted, joined by dashes, with one word replaced); two
-need more than a copy: the words in reverse order, and a worked addition
-chain that writes every intermediate sum (`23+45=68; 68-7=61; ...`), the
-nearest thing to a GSM8K trace a small model can learn. Which of them the
-shipped model learns is in docs/eval-long/.
+`long` (`LONG_TASKS`): answers of 64 to 250 bytes, the regime of LLaDA-8B
+users' answers and of the SureLock paper (gen_length 256), where one wrong
+token of a hundred fails the problem. Most are copies with a per-token rule
+(a word passage or random letters copied; a passage uppercased,
+Caesar-shifted, joined by dashes, with one word replaced); two need more
+than a copy: the words in reverse order, and a worked addition chain that
+writes every intermediate sum (`23+45=68; 68-7=61; ...`), the nearest thing
+to a GSM8K trace a small model can learn. No model trained on it ships yet;
+docs/long-answers.md has the training runs and what they learned. Its
+generators take an answer-length range (`answer_bytes`, a training
+curriculum's stage).
 
 Held-out problems come from their own seed, and the training stream skips any
 prompt that is in the held-out set, so evaluation never sees a training item.
