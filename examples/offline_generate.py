@@ -30,13 +30,10 @@ DEFAULT_MODEL = CHECKPOINTS / "llada-small"
 QUESTIONS = {
     "short": ["What is 58 + 67?", "Reverse: vllm", "Sort: 7 1 8 2 3",
               "Uppercase: river stone light", "Repeat ab 4 times.", "k=moon, q=fire, z=lake. What is q?"],
-    "long": ["Copy: the red fox and the gray wolf walk by the river to the old stone bridge at night "
-             "under the moon and the stars",
-             "Uppercase: blue water and gold light fill the lake near the green hill where the bird and the frog live",
-             "Shift by 2: rain on the road and snow on the hill",
-             "Add up step by step: 25 +17 +46 -30 +58 +12 -19"],
+    "count": ["Count from 23 to 71.", "Count down from 95 to 40.", "Count from 14 to 90 by 2.",
+              "Count from 385 to 421."],
 }
-CANVAS = {"short": (32, 8), "long": (256, 32)}  # (gen_length, block_length) of the training responses
+CANVAS = {"short": (32, 8), "count": (256, 32)}  # (gen_length, block_length) of the training responses
 
 
 def trained_range(model: str) -> tuple[str, int] | None:

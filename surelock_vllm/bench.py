@@ -80,7 +80,7 @@ def trained_suite(model: str) -> str | None:
     log = Path(model) / "training_log.json"
     if not log.exists():
         return None
-    return json.loads(log.read_text()).get("suite", "short")  # logs before the long suite: short
+    return json.loads(log.read_text()).get("suite", "short")  # logs before the long-answer suites: short
 
 
 def build_problems(batch: int, suite: str = "short") -> list:

@@ -2,14 +2,14 @@
 
     surelock-eval                                   # tables, JSON and plots in docs/eval/
     surelock-eval --eps 5e-4 5e-3 --per-task 20     # a quicker look
-    surelock-eval --suite long --out-dir docs/eval-long   # the long-answer model at gen_length 256
+    surelock-eval --suite count --out-dir docs/eval-long   # the long-answer model at gen_length 256
 
 `--suite short` (default) evaluates `checkpoints/llada-small` on its short
-tasks at gen_length 32; `--suite long` evaluates `checkpoints/llada-long` (`make
-train-long`; none ships yet) on
-answers of 64-250 tokens at gen_length 256, block 32, steps 256 (the
-SureLock paper's length), unless `--model` / `--gen-length` / ... say
-otherwise.
+tasks at gen_length 32; `--suite count` evaluates `checkpoints/llada-long`
+(`make train-long`) on answers of 99-239 tokens at gen_length 256, block 32,
+steps 256 (the SureLock paper's length), unless `--model` / `--gen-length` /
+... say otherwise. `--suite passages` has the same canvas and no shipped
+model (no recipe here learns it; pass `--model`).
 
 One engine. The held-out problems (`surelock_vllm.tasks`, never seen in
 training) run as one batch with the no-lock sampler, then with SureLock at
@@ -42,7 +42,8 @@ DEFAULT_THRESHOLDS = [0.7, 0.8, 0.9, 0.95]
 # per suite: (model, gen_length, steps, block_length, make target that trains the model)
 SUITE_DEFAULTS = {
     "short": (None, 32, 32, 8, "make train"),
-    "long": ("llada-long", 256, 256, 32, "make train-long"),
+    "count": ("llada-long", 256, 256, 32, "make train-long"),
+    "passages": ("llada-passages", 256, 256, 32, "surelock-train --suite passages (docs/long-answers.md)"),
 }
 
 
@@ -102,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--confidence-gate", type=float, default=None,
                         help="also require this confidence before locking (surelock_confidence_gate)")
     parser.add_argument("--per-task", type=int, default=50, help="held-out problems per task (at most 50)")
-    parser.add_argument("--gen-length", type=int, default=None, help="default: 32 (short), 256 (long)")
+    parser.add_argument("--gen-length", type=int, default=None, help="default: 32 (short), 256 (count, passages)")
     parser.add_argument("--steps", type=int, default=None, help="default: gen_length")
-    parser.add_argument("--block-length", type=int, default=None, help="default: 8 (short), 32 (long)")
+    parser.add_argument("--block-length", type=int, default=None, help="default: 8 (short), 32 (count, passages)")
     parser.add_argument("--rule-eps", type=float, nargs="*", default=[5e-4, 5e-3, 5e-2],
                         help="eps of the lock-rule comparison: Algorithm 1's rule at each, both rules with "
                              "the 20%% gate and the paper preset at the middle one (none: skip it)")

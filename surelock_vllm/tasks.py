@@ -9,17 +9,23 @@ generation. The sizes were cut down until a 4-layer model trained on the CPU
 (tools/train_small.py) learned most of them; after that training lookup
 is still at chance (docs/eval/eval.md). Plain Python, no torch or vLLM.
 
-`long` (`LONG_TASKS`): answers of 64 to 250 bytes, the regime of LLaDA-8B
-users' answers and of the SureLock paper (gen_length 256), where one wrong
-token of a hundred fails the problem. Most are copies with a per-token rule
-(a word passage or random letters copied; a passage uppercased,
-Caesar-shifted, joined by dashes, with one word replaced); two need more
-than a copy: the words in reverse order, and a worked addition chain that
-writes every intermediate sum (`23+45=68; 68-7=61; ...`), the nearest thing
-to a GSM8K trace a small model can learn. No model trained on it ships yet;
-docs/long-answers.md has the training runs and what they learned. Its
-generators take an answer-length range (`answer_bytes`, a training
-curriculum's stage).
+Two suites of long answers (64 to 250 bytes, the regime of LLaDA-8B users'
+answers and of the SureLock paper's gen_length 256, where one wrong token of a
+hundred fails the problem):
+
+`count` (`COUNT_TASKS`), the shipped `checkpoints/llada-long`'s: count up,
+down, by two, or through 3-digit numbers, from the prompt's first number to
+its last. Each answer is a worked trace, every number the one before plus a
+fixed step, the nearest thing to a GSM8K trace that a 4-layer model learns on
+this CPU; answers of 99-239 bytes, 157 on average.
+
+`passages` (`PASSAGE_TASKS`): copies with a per-token rule (a word passage or
+random letters copied; a passage uppercased, Caesar-shifted, joined by
+dashes, with one word replaced), the words in reverse order, and an addition
+chain that writes every intermediate sum (`23+45=68; 68-7=61; ...`). No
+recipe tried here learns them (docs/long-answers.md: copying forms up to 40
+bytes, not at 50 and over). Its generators take an answer-length range
+(`answer_bytes`, a training curriculum's stage).
 
 Held-out problems come from their own seed, and the training stream skips any
 prompt that is in the held-out set, so evaluation never sees a training item.
@@ -40,10 +46,11 @@ WORDS = (
 LETTERS = string.ascii_lowercase
 
 EVAL_SEED = 20260
-LONG_EVAL_SEED = 20261
+PASSAGES_EVAL_SEED = 20261
+COUNT_EVAL_SEED = 20262
 HELDOUT_PER_TASK = 50
-# the long suite's answers, in bytes (the canvas is 256 tokens: the answer, then <|eot_id|>)
-LONG_MIN_BYTES, LONG_MAX_BYTES = 64, 250
+# the passages suite's answers, in bytes (the canvas is 256 tokens: the answer, then <|eot_id|>)
+PASSAGE_MIN_BYTES, PASSAGE_MAX_BYTES = 64, 250
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ def _lookup(rng: random.Random) -> Problem:
 TASKS = {"add": _add, "reverse": _reverse, "sort": _sort, "upper": _upper, "repeat": _repeat, "lookup": _lookup}
 
 
-# --- the long suite -------------------------------------------------------------------
+# --- the passages suite ---------------------------------------------------------------
 
 
 def _passage(rng: random.Random, lengths: tuple[int, int] = (80, 200)) -> str:
@@ -115,7 +122,7 @@ def _copy_letters(rng: random.Random, lengths: tuple[int, int] = (80, 200)) -> P
     target, groups = rng.randint(*lengths), []
     while len(" ".join(groups)) < target:
         groups.append("".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 6))))
-    text = " ".join(groups)[: min(lengths[1], LONG_MAX_BYTES)].strip()
+    text = " ".join(groups)[: min(lengths[1], PASSAGE_MAX_BYTES)].strip()
     return Problem("copy_letters", f"Copy the letters: {text}", text)
 
 
@@ -162,10 +169,48 @@ def _chain(rng: random.Random, lengths: tuple[int, int] = (70, 100)) -> Problem:
     return Problem("chain", f"Add up step by step: {start} " + " ".join(terms), "; ".join(lines))
 
 
-LONG_TASKS = {"copy": _copy, "copy_letters": _copy_letters, "upcase": _upcase, "caesar": _caesar, "dashes": _dashes, "replace": _replace,
+# --- the count suite: long answers a small model learns (checkpoints/llada-long) ---------------
+#
+# Each answer is a worked trace: every number is the one before it plus (or minus) a
+# fixed step, so every token follows from the tokens a few positions back and the
+# last one from the prompt's end number. 2-digit numbers are 3 bytes apart ("23 "),
+# 3-digit ones 4.
+
+
+def _count_span(rng: random.Random, lo: int, hi: int, counts: tuple[int, int], step: int = 1) -> tuple[int, int]:
+    n = rng.randint(*counts)
+    start = rng.randint(lo, hi - step * (n - 1))
+    return start, start + step * (n - 1)
+
+
+def _count_up(rng: random.Random) -> Problem:
+    a, b = _count_span(rng, 10, 99, (34, 80))
+    return Problem("count_up", f"Count from {a} to {b}.", " ".join(map(str, range(a, b + 1))))
+
+
+def _count_down(rng: random.Random) -> Problem:
+    a, b = _count_span(rng, 10, 99, (34, 80))
+    return Problem("count_down", f"Count down from {b} to {a}.", " ".join(map(str, range(b, a - 1, -1))))
+
+
+def _count_by_two(rng: random.Random) -> Problem:
+    a, b = _count_span(rng, 10, 99, (34, 45), step=2)
+    return Problem("count_by_two", f"Count from {a} to {b} by 2.", " ".join(map(str, range(a, b + 1, 2))))
+
+
+def _count_hundreds(rng: random.Random) -> Problem:
+    a, b = _count_span(rng, 100, 999, (25, 60))
+    return Problem("count_hundreds", f"Count from {a} to {b}.", " ".join(map(str, range(a, b + 1))))
+
+
+COUNT_TASKS = {"count_up": _count_up, "count_down": _count_down, "count_by_two": _count_by_two,
+               "count_hundreds": _count_hundreds}
+
+
+PASSAGE_TASKS = {"copy": _copy, "copy_letters": _copy_letters, "upcase": _upcase, "caesar": _caesar, "dashes": _dashes, "replace": _replace,
               "reverse_words": _reverse_words, "chain": _chain}
-SUITES = {"short": TASKS, "long": LONG_TASKS}
-HELDOUT_SEEDS = {"short": EVAL_SEED, "long": LONG_EVAL_SEED}
+SUITES = {"short": TASKS, "count": COUNT_TASKS, "passages": PASSAGE_TASKS}
+HELDOUT_SEEDS = {"short": EVAL_SEED, "count": COUNT_EVAL_SEED, "passages": PASSAGES_EVAL_SEED}
 
 
 def _suite(suite: str) -> dict:
@@ -176,14 +221,14 @@ def _suite(suite: str) -> dict:
 
 def make_problem(rng: random.Random, task: str | None = None, suite: str = "short",
                  answer_bytes: tuple[int, int] | None = None) -> Problem:
-    """One problem; `answer_bytes` = (min, max) sets the long suite's answer length (a training
+    """One problem; `answer_bytes` = (min, max) sets the passages suite's answer length (a training
     curriculum's stage; the held-out set keeps each task's own range)."""
     tasks = _suite(suite)
     generate = tasks[task or rng.choice(sorted(tasks))]
     if answer_bytes is None:
         return generate(rng)
-    if suite != "long":
-        raise ValueError("answer_bytes: only the long suite's tasks take a length range")
+    if suite != "passages":
+        raise ValueError("answer_bytes: only the passages suite's tasks take a length range")
     return generate(rng, answer_bytes)
 
 

@@ -84,22 +84,22 @@ def test_token_accuracy_counts_positions_and_the_end_of_turn():
 
 @pytest.mark.engine
 def test_long_suite_evaluation_reports_its_tasks_and_token_accuracy(tmp_path, monkeypatch):
-    from surelock_vllm.tasks import LONG_TASKS
+    from surelock_vllm.tasks import PASSAGE_TASKS
 
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     out = tmp_path / "eval-long"
     # the tiny random checkpoint through the long suite's plumbing, at a short canvas to keep it quick
-    assert evaluate.main(["--suite", "long", "--model", str(CHECKPOINT), "--per-task", "1", "--eps", "0.5",
+    assert evaluate.main(["--suite", "passages", "--model", str(CHECKPOINT), "--per-task", "1", "--eps", "0.5",
                           "--gen-length", "64", "--rule-eps", "--thresholds", "--repeats", "1",
                           "--out-dir", str(out), "--no-plots"]) == 0
     report = json.loads((out / "eval.json").read_text())
-    assert report["suite"] == "long" and report["tasks"] == sorted(LONG_TASKS)
+    assert report["suite"] == "passages" and report["tasks"] == sorted(PASSAGE_TASKS)
     assert (report["gen_length"], report["steps"], report["block_length"]) == (64, 64, 32)
     assert report["answer_tokens_mean"] > 64
     for run in report["runs"]:
-        assert set(run["accuracy_per_task"]) == set(LONG_TASKS) == set(run["token_accuracy_per_task"])
+        assert set(run["accuracy_per_task"]) == set(PASSAGE_TASKS) == set(run["token_accuracy_per_task"])
         assert 0 <= run["token_accuracy"] <= 1
     table = (out / "eval.md").read_text()
     assert "| reverse_words |" in table
-    assert "token acc." in table and "long suite" in table
+    assert "token acc." in table and "passages suite" in table
     assert "| reverse_words | " in table.split("Per task")[1]  # the per-task table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -97,18 +98,20 @@ def test_training_smoke_run_writes_a_loadable_checkpoint(tmp_path):
         assert torch.equal(value, model.state_dict()[name]), name
 
 
-# --- the long suite (checkpoints/llada-long) ------------------------------------------------
+# --- the long suites: count (checkpoints/llada-long) and passages --------------------------
 
 
-def test_long_suite_answers_are_long_checkable_and_fit_a_256_canvas():
-    from surelock_vllm.tasks import LONG_MAX_BYTES, LONG_MIN_BYTES, LONG_TASKS
+@pytest.mark.parametrize("suite", ["count", "passages"])
+def test_long_suite_answers_are_long_checkable_and_fit_a_256_canvas(suite):
+    from surelock_vllm.tasks import PASSAGE_MAX_BYTES, PASSAGE_MIN_BYTES, SUITES
 
-    heldout = heldout_problems(suite="long")
-    assert heldout == heldout_problems(suite="long") and {p.task for p in heldout} == set(LONG_TASKS)
-    # its own seed: not the short suite's problems under other names
-    assert not {p.prompt for p in heldout} & {p.prompt for p in heldout_problems()}
+    heldout = heldout_problems(suite=suite)
+    assert heldout == heldout_problems(suite=suite) and {p.task for p in heldout} == set(SUITES[suite])
+    # its own seed: not another suite's problems under other names
+    for other in set(SUITES) - {suite}:
+        assert not {p.prompt for p in heldout} & {p.prompt for p in heldout_problems(suite=other)}
     lengths = [len(p.answer.encode()) for p in heldout]
-    assert LONG_MIN_BYTES <= min(lengths) and max(lengths) <= LONG_MAX_BYTES
+    assert PASSAGE_MIN_BYTES <= min(lengths) and max(lengths) <= PASSAGE_MAX_BYTES
     assert sum(lengths) / len(lengths) >= 100  # the regime: answers of 100+ tokens on average
     encoder = train_small.ExampleEncoder(build_tokenizer(), response_length=256)
     for p in heldout:
@@ -117,38 +120,61 @@ def test_long_suite_answers_are_long_checkable_and_fit_a_256_canvas():
         assert len(response) == 256 and encoder.tokenizer.decode(response[: response.index(encoder.eot)]) == p.answer
 
 
-def test_long_suite_answers_follow_their_rule():
+def test_count_answers_step_from_the_first_number_to_the_last():
+    rng = random.Random(5)
+    for task in ("count_up", "count_down", "count_by_two", "count_hundreds"):
+        for _ in range(100):
+            p = make_problem(rng, task, suite="count")
+            first, last = (int(n) for n in re.findall(r"\d+", p.prompt)[:2])  # "from A to B (by 2)"
+            numbers = [int(n) for n in p.answer.split(" ")]
+            step = {"count_down": -1, "count_by_two": 2}.get(task, 1)
+            assert numbers == list(range(numbers[0], numbers[-1] + step, step))
+            assert " ".join(map(str, numbers)) == p.answer  # single spaces, no stray text
+            # every number has the width of its range: 2 digits, or 3 for count_hundreds
+            assert {len(str(n)) for n in numbers} == {3 if task == "count_hundreds" else 2}
+            assert (numbers[0], numbers[-1]) == (first, last) and len(numbers) >= 25
+
+
+def test_count_training_stream_never_yields_a_heldout_prompt():
+    heldout = {p.prompt for p in heldout_problems(suite="count")}
+    stream = training_stream(seed=1, exclude=heldout, suite="count")
+    drawn = [next(stream) for _ in range(3000)]
+    assert not heldout & {p.prompt for p in drawn}
+    assert {p.task for p in drawn} == {p.task for p in heldout_problems(suite="count")}
+
+
+def test_passage_answers_follow_their_rule():
     rng = random.Random(3)
     for _ in range(50):
-        p = make_problem(rng, "caesar", suite="long")
+        p = make_problem(rng, "caesar", suite="passages")
         shift = int(p.prompt.split()[2].rstrip(":"))
         text = p.prompt.split(": ", 1)[1]
         # shifting back by the same amount gives the passage
         back = "".join(c if c == " " else chr((ord(c) - 97 - shift) % 26 + 97) for c in p.answer)
         assert back == text and p.answer != text
-        chain = make_problem(rng, "chain", suite="long")
+        chain = make_problem(rng, "chain", suite="passages")
         start, *terms = chain.prompt.split(": ")[1].split()
         total = int(start)
         for term, line in zip(terms, chain.answer.split("; "), strict=True):
             new = total + int(term)
             assert line == f"{total}{term[0]}{term[1:]}={new}" and 0 <= new <= 999
             total = new
-        words = make_problem(rng, "reverse_words", suite="long")
+        words = make_problem(rng, "reverse_words", suite="passages")
         assert words.answer.split() == words.prompt.split(": ")[1].split()[::-1]
 
 
-def test_long_training_stream_never_yields_a_heldout_prompt():
-    heldout = {p.prompt for p in heldout_problems(suite="long")}
-    stream = training_stream(seed=0, exclude=heldout, suite="long")
+def test_passages_training_stream_never_yields_a_heldout_prompt():
+    heldout = {p.prompt for p in heldout_problems(suite="passages")}
+    stream = training_stream(seed=0, exclude=heldout, suite="passages")
     drawn = [next(stream) for _ in range(3000)]
     assert not heldout & {p.prompt for p in drawn}
-    assert {p.task for p in drawn} == {p.task for p in heldout_problems(suite="long")}
+    assert {p.task for p in drawn} == {p.task for p in heldout_problems(suite="passages")}
     with pytest.raises(ValueError, match="suite"):
         next(training_stream(seed=0, exclude=set(), suite="medium"))
 
 
 def test_a_stopped_and_resumed_run_gives_the_uninterrupted_weights(tmp_path):
-    args = ["--preset", "tiny", "--suite", "long", "--response-length", "256", "--steps", "5", "--batch-size", "2",
+    args = ["--preset", "tiny", "--suite", "passages", "--response-length", "256", "--steps", "5", "--batch-size", "2",
             "--first-steps", "2", "--eval-every", "0", "--save-every", "2", "--cpu"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     train_small.main([str(whole), *args])
@@ -170,24 +196,24 @@ def test_a_stopped_and_resumed_run_gives_the_uninterrupted_weights(tmp_path):
 
 def test_suite_flags_are_checked_against_the_suite(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train_small.main([str(tmp_path / "x"), "--suite", "long", "--first-tasks", "upper"])
+        train_small.main([str(tmp_path / "x"), "--suite", "passages", "--first-tasks", "upper"])
     assert "--first-tasks" in capsys.readouterr().err
 
 
-def test_answer_bytes_sets_the_training_lengths_of_the_long_suite(tmp_path, capsys):
-    heldout = {p.prompt for p in heldout_problems(suite="long")}
-    stage = training_stream(seed=0, exclude=heldout, suite="long", answer_bytes=(10, 40))
+def test_answer_bytes_sets_the_training_lengths_of_the_passages_suite(tmp_path, capsys):
+    heldout = {p.prompt for p in heldout_problems(suite="passages")}
+    stage = training_stream(seed=0, exclude=heldout, suite="passages", answer_bytes=(10, 40))
     drawn = [next(stage) for _ in range(400)]
-    assert {p.task for p in drawn} == {p.task for p in heldout_problems(suite="long")}
+    assert {p.task for p in drawn} == {p.task for p in heldout_problems(suite="passages")}
     for p in drawn:
         assert len(p.answer.encode()) <= 40 + 12, p  # a chain line or a word may run past MAX by its own length
     letters = [len(p.answer) for p in drawn if p.task == "copy_letters"]
     assert letters and max(letters) <= 40 and min(letters) >= 8
     with pytest.raises(ValueError, match="answer_bytes"):
         make_problem(random.Random(0), "add", answer_bytes=(10, 40))
-    # the trainer's flag: long suite only, and the answer must fit the response
+    # the trainer's flag: passages suite only, and the answer must fit the response
     for bad in (["--suite", "short", "--answer-bytes", "10", "40"],
-                ["--suite", "long", "--response-length", "64", "--answer-bytes", "10", "64"]):
+                ["--suite", "passages", "--response-length", "64", "--answer-bytes", "10", "64"]):
         with pytest.raises(SystemExit):
             train_small.main([str(tmp_path / "x"), *bad])
         assert "--answer-bytes" in capsys.readouterr().err

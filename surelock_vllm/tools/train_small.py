@@ -2,10 +2,12 @@
 
     python -m surelock_vllm.tools.train_small out/llada-small-stage1       # ~55 min on 2 CPU cores
     python -m surelock_vllm.tools.train_small /tmp/smoke --steps 5         # smoke run
-    make train-long     # --suite long: 256-token responses (answers of 64-250 bytes), resumable
+    make train-long     # --suite count: 256-token responses (answers of 99-239 bytes), resumable
 
-`--suite long` trains on the long task suite (surelock_vllm.tasks) with
-`--response-length 256`; docs/long-answers.md has the runs so far. With
+`--suite count` trains the long-answer model (checkpoints/llada-long) on the
+count suite (surelock_vllm.tasks) with `--response-length 256`;
+`--suite passages` on copies of long passages, which no run here has learned
+(docs/long-answers.md has every run). With
 `--resume`, a run continues from OUT/train_state.pt (fp32 weights, AdamW
 moments, the masking generator, and the position in both problem streams,
 saved every `--save-every` steps and at the end) to the weights an
@@ -67,8 +69,9 @@ from surelock_vllm.tools.make_checkpoint import (
 MASK_EPS = 1e-3  # LLaDA's floor on the masking probability
 # after the curriculum's first phase: tasks that need more than copying come up twice as often
 TASK_WEIGHTS = {"short": {"add": 2.0, "sort": 2.0, "reverse": 2.0},
-                "long": {"chain": 2.0, "reverse_words": 1.5, "caesar": 1.5}}
-FIRST_TASKS = {"short": ["upper"], "long": ["copy"]}
+                "passages": {"chain": 2.0, "reverse_words": 1.5, "caesar": 1.5},
+                "count": {"count_hundreds": 1.5, "count_down": 1.5}}
+FIRST_TASKS = {"short": ["upper"], "passages": ["copy"], "count": ["count_up"]}
 STATE_FILE = "train_state.pt"  # what --resume continues from (fp32 weights, optimizer, random streams)
 
 
@@ -209,7 +212,7 @@ def train(args) -> Path:
                                    answer_bytes=args.answer_bytes)
     stream = training_stream(args.seed + 1, exclude, tasks=args.tasks, weights=args.task_weights, suite=args.suite,
                              answer_bytes=args.answer_bytes)
-    probe_every = 10 if args.suite == "short" else 50  # the long suite's probe: one problem a task
+    probe_every = 10 if args.suite == "short" else 50  # the long suites' probe: one problem a task
     probe = [p for i, p in enumerate(heldout) if i % probe_every == 0 and (not args.tasks or p.task in args.tasks)]
     generator = torch.Generator().manual_seed(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -344,8 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=1000, help="probe exact match every N steps (0: never)")
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--suite", choices=sorted(SUITES), default="short",
-                        help="the task suite (surelock_vllm.tasks): short answers, or long ones (64-250 bytes, "
-                             "with --response-length 256)")
+                        help="the task suite (surelock_vllm.tasks): short answers, or long ones (count, passages: "
+                             "64-250 bytes, with --response-length 256)")
     parser.add_argument("--tasks", nargs="+", choices=ALL_TASKS, default=None,
                         help="after the first phase, train on these tasks only (default: all of the suite)")
     parser.add_argument("--first-tasks", nargs="+", choices=ALL_TASKS, default=None,
@@ -354,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task-weights", nargs="+", type=_task_weight, default=None, metavar="TASK=WEIGHT",
                         help=f"odds of each task after the first phase (default {TASK_WEIGHTS}, others 1)")
     parser.add_argument("--answer-bytes", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
-                        help="long suite: train on answers of MIN-MAX bytes (a length curriculum's stage; "
+                        help="passages suite: train on answers of MIN-MAX bytes (a length curriculum's stage; "
                              "the held-out set and its probe keep each task's own range)")
     parser.add_argument("--resume", action="store_true",
                         help=f"continue from OUT/{STATE_FILE} (written every --save-every steps) if it exists")
@@ -369,8 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     args.task_weights = dict(args.task_weights) if args.task_weights else dict(TASK_WEIGHTS[args.suite])
     if args.answer_bytes is not None:
         low, high = args.answer_bytes
-        if args.suite != "long":
-            parser.error("--answer-bytes: only the long suite's tasks take a length range")
+        if args.suite != "passages":
+            parser.error("--answer-bytes: only the passages suite's tasks take a length range")
         if not 1 <= low <= high < args.response_length:
             parser.error(f"--answer-bytes: expected 1 <= MIN <= MAX < --response-length "
                          f"({args.response_length}, the answer and its end of turn), got {low} {high}")
