@@ -62,7 +62,7 @@ eval: setup
 # the same at the SureLock paper's length, on the long-answer model (make train-long):
 # gen_length 256, block 32, steps 256; docs/eval-long/
 EVAL_LONG := --suite count --per-task 10 --eps 5e-4 5e-3 5e-2 --rule-eps 5e-3 --no-paper-preset \
-	--thresholds 0.7 0.8 0.9 0.95 --repeats 1
+	--thresholds 0.7 0.8 0.9 0.95 --kv-caches prefix dual --repeats 1
 eval-long: setup
 	$(VENV)/bin/surelock-eval $(EVAL_LONG) --out-dir docs/eval-long
 

@@ -73,6 +73,9 @@ _FLAGS = (
           help="default confidence threshold for adaptive unmasking (Fast-dLLM's parallel decoding): "
           "each step unmasks every masked position of the block at least this confident, at least one; "
           "steps becomes an upper bound (default: off, the fixed schedule)")),
+    ("--diffusion-kv-cache", "diffusion_kv_cache", "kv_cache",
+     dict(choices=["none", "prefix", "dual"], default=argparse.SUPPRESS,
+          help="default block cache (Fast-dLLM's): none (default), prefix or dual; requests set kv_cache")),
     ("--diffusion-max-gen-length", "diffusion_max_gen_length", "max_gen_length",
      dict(type=int, default=argparse.SUPPRESS,
           help="largest generation length (max_tokens / gen_length) a request may ask for; "

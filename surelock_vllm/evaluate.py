@@ -67,6 +67,7 @@ class EvalConfig:
     # gate 0.2, one block of gen_length; with eps None, no-lock at that block length)
     rule: str | None = None
     gate: float | None = None
+    kv_cache: str = "none"  # Fast-dLLM's block cache: none, prefix or dual
 
     @property
     def label(self) -> str:
@@ -77,11 +78,12 @@ class EvalConfig:
             lock = f"paper preset {lock}" if self.eps is not None else "no-lock, one block"
         if self.gate is not None and self.rule != "paper":
             lock += f" gate {self.gate:g}"
-        return lock if self.threshold is None else f"thr={self.threshold:g} {lock}"
+        label = lock if self.threshold is None else f"thr={self.threshold:g} {lock}"
+        return label if self.kv_cache == "none" else f"{self.kv_cache} cache {label}"
 
     @property
     def in_eps_table(self) -> bool:
-        return self.threshold is None
+        return self.threshold is None and self.kv_cache == "none"
 
 
 def run_config(llm, conversations, params):
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thresholds", type=float, nargs="*", default=DEFAULT_THRESHOLDS,
                         help="confidence thresholds of the fewer-steps grid (none: skip the grid)")
     parser.add_argument("--grid-eps", type=float, default=5e-3, help="SureLock's eps in the fewer-steps grid")
+    parser.add_argument("--kv-caches", nargs="*", choices=["prefix", "dual"], default=[],
+                        help="block caches (Fast-dLLM's) to add to the fewer-steps grid: each with fixed steps "
+                             "and every threshold, SureLock off and on")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out-dir", type=Path, default=Path("docs/eval"))
     parser.add_argument("--no-plots", action="store_true")
@@ -150,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         diffusion = {"gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length}
         if config.threshold is not None:
             diffusion["confidence_threshold"] = config.threshold
+        if config.kv_cache != "none":
+            diffusion["kv_cache"] = config.kv_cache
         if config.rule == "paper":
             del diffusion["block_length"]  # the preset's one block (and for its no-lock baseline)
             if config.eps is None:
@@ -181,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.thresholds and EvalConfig(eps=args.grid_eps) not in configs:
         grid.insert(0, EvalConfig(eps=args.grid_eps))  # fixed steps with SureLock, the grid's other baseline
     configs += grid
+    configs += [EvalConfig(eps=e, threshold=t, kv_cache=k)
+                for k in args.kv_caches for t in (None, *args.thresholds) for e in (None, args.grid_eps)]
     walls: dict[EvalConfig, list[float]] = {c: [] for c in configs}
     texts: dict[EvalConfig, list[str]] = {}
     stats: dict[EvalConfig, list[dict]] = {}
@@ -213,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         agg = aggregate(stats[c])
         report["runs"].append({
             "label": c.label, "eps": c.eps, "threshold": c.threshold, "rule": c.rule, "gate": c.gate,
-            "in_grid": c.threshold is not None or (
+            "kv_cache": c.kv_cache,
+            "in_grid": c.threshold is not None or c.kv_cache != "none" or (
                 bool(args.thresholds) and c.rule is None and c.gate is None and c.eps in (None, args.grid_eps)),
             "accuracy": _mean(correct), "accuracy_per_task": per_task,
             "token_accuracy": _mean(token_acc),
@@ -271,7 +281,7 @@ def markdown_table(report: dict) -> str:
     head = ["run", "exact match", *tasks, "token acc.", "agree w/ no-lock", "FLOPs saved", "dense", "attn", "rows computed", "wall-clock"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in report["runs"]:
-        if run.get("threshold") is not None:
+        if run.get("threshold") is not None or run.get("kv_cache", "none") != "none":
             continue  # the fewer-steps grid has its own table
         lines.append("| " + " | ".join([
             run["label"], f"{run['accuracy']:.1%}", *(f"{run['accuracy_per_task'][t]:.0%}" for t in tasks),
@@ -283,7 +293,7 @@ def markdown_table(report: dict) -> str:
 
 def per_task_table(report: dict) -> str:
     """Exact match / token accuracy per task, for each run of the eps table."""
-    runs = [r for r in report["runs"] if r.get("threshold") is None]
+    runs = [r for r in report["runs"] if r.get("threshold") is None and r.get("kv_cache", "none") == "none"]
     lines = ["| task | " + " | ".join(r["label"] for r in runs) + " |", "|" + "---|" * (len(runs) + 1)]
     for task in report["tasks"]:
         lines.append(f"| {task} | " + " | ".join(
@@ -294,20 +304,31 @@ def per_task_table(report: dict) -> str:
 def grid_table(report: dict) -> str:
     """The fewer-steps grid: fixed steps vs confidence thresholds, SureLock off and on."""
     baseline = report["runs"][0]
-    head = ["run", "threshold", "SureLock", "exact match", "vs fixed no-lock", "steps / position",
+    head = ["run", "kv_cache", "threshold", "SureLock", "exact match", "vs fixed no-lock", "steps / position",
             "steps", "FLOPs", "FLOPs +LM head", "rows", "wall-clock speedup"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in (r for r in report["runs"] if r.get("in_grid")):
         delta = (run["accuracy"] - baseline["accuracy"]) * 100
         lines.append("| " + " | ".join([
-            run["label"], "fixed" if run["threshold"] is None else f"{run['threshold']:g}",
+            run["label"], run.get("kv_cache", "none"), "fixed" if run["threshold"] is None else f"{run['threshold']:g}",
             "off" if run["eps"] is None else f"eps {run['eps']:g}", f"{run['accuracy']:.1%}",
             f"{delta:+.1f} pt", f"{run['steps_per_position']:.3f}", f"{run['steps'] / baseline['steps']:.3f}",
             f"{run['flops_vs_baseline']:.3f}", f"{run['total_flops_vs_baseline']:.3f}",
             f"{run['rows_vs_baseline']:.3f}", f"**{run['speedup']:.2f}x**" if run["threshold"] is not None
             else f"{run['speedup']:.2f}x",
         ]) + " |")
+    best = fastest_within(report, points=1.0)
+    if best is not None:
+        lines += ["", f"Fastest run within 1 point of fixed-step no-lock: **{best['label']}**, "
+                      f"{best['accuracy']:.1%} exact match, **{best['speedup']:.2f}x** wall-clock."]
     return "\n".join(lines)
+
+
+def fastest_within(report: dict, points: float) -> dict | None:
+    """The grid's fastest run whose exact match is within `points` of fixed-step no-lock's."""
+    baseline = report["runs"][0]
+    close = [r for r in report["runs"] if r.get("in_grid") and (baseline["accuracy"] - r["accuracy"]) * 100 <= points]
+    return max(close, key=lambda r: r["speedup"], default=None)
 
 
 def markdown_report(report: dict) -> str:
@@ -379,7 +400,8 @@ def plot_eval(report: dict, out: Path) -> list[Path]:
     from surelock_vllm.bench_plots import _plt, save_figure
 
     plt = _plt()
-    runs = [r for r in report["runs"] if r["eps"] is not None and r.get("threshold") is None]
+    runs = [r for r in report["runs"] if r["eps"] is not None and r.get("threshold") is None
+            and r.get("kv_cache", "none") == "none"]
     default_rule = [r for r in runs if r.get("rule") is None and r.get("gate") is None]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for r in default_rule:
@@ -421,15 +443,23 @@ def plot_grid(report: dict, out: Path, plt) -> Path:
     baseline = report["runs"][0]
     ax.axhline(baseline["accuracy"] * 100, color="gray", lw=0.8, ls="--", label="fixed steps, no-lock")
     ax.axhspan(baseline["accuracy"] * 100 - 1, baseline["accuracy"] * 100 + 1, color="gray", alpha=0.12)
-    for locked, name, marker in ((False, "SureLock off", "o"), (True, "SureLock on", "s")):
-        runs = sorted((r for r in grid if (r["eps"] is not None) == locked), key=lambda r: r["speedup"])
+    series = [(kv, locked) for kv in ("none", "prefix", "dual") for locked in (False, True)]
+    for kv, locked in series:
+        runs = sorted((r for r in grid if (r["eps"] is not None) == locked and r.get("kv_cache", "none") == kv),
+                      key=lambda r: r["speedup"])
+        if not runs:
+            continue
+        name = ("" if kv == "none" else f"{kv} cache, ") + ("SureLock on" if locked else "SureLock off")
+        marker = {"none": "os", "prefix": "^v", "dual": "DP"}[kv][locked]
         ax.plot([r["speedup"] for r in runs], [r["accuracy"] * 100 for r in runs], marker=marker, label=name)
         for r in runs:
             ax.annotate("fixed" if r["threshold"] is None else f"{r['threshold']:g}",
                         (r["speedup"], r["accuracy"] * 100), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axvline(3.0, color="tab:red", lw=0.8, ls=":")
     _label(ax, "wall-clock speedup vs fixed-step no-lock", "exact match (%)",
-           "Threshold decoding x SureLock (labels: threshold)")
+           "Threshold decoding x SureLock" + (" x block cache" if any(r.get("kv_cache", "none") != "none"
+                                                                       for r in grid) else "")
+           + " (labels: threshold)")
     return save_figure(fig, out / "accuracy_vs_speedup.png")
 
 

@@ -83,23 +83,31 @@ def test_token_accuracy_counts_positions_and_the_end_of_turn():
 
 
 @pytest.mark.engine
-def test_long_suite_evaluation_reports_its_tasks_and_token_accuracy(tmp_path, monkeypatch):
-    from surelock_vllm.tasks import PASSAGE_TASKS
+def test_long_suite_evaluation_reports_tasks_token_accuracy_and_the_cache_grid(tmp_path, monkeypatch):
+    from surelock_vllm.tasks import COUNT_TASKS
 
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     out = tmp_path / "eval-long"
     # the tiny random checkpoint through the long suite's plumbing, at a short canvas to keep it quick
-    assert evaluate.main(["--suite", "passages", "--model", str(CHECKPOINT), "--per-task", "1", "--eps", "0.5",
-                          "--gen-length", "64", "--rule-eps", "--thresholds", "--repeats", "1",
-                          "--out-dir", str(out), "--no-plots"]) == 0
+    assert evaluate.main(["--suite", "count", "--model", str(CHECKPOINT), "--per-task", "1", "--eps", "0.5",
+                          "--gen-length", "64", "--rule-eps", "--thresholds", "0.9", "--kv-caches", "dual",
+                          "--repeats", "1", "--out-dir", str(out)]) == 0
     report = json.loads((out / "eval.json").read_text())
-    assert report["suite"] == "passages" and report["tasks"] == sorted(PASSAGE_TASKS)
+    assert report["suite"] == "count" and report["tasks"] == sorted(COUNT_TASKS)
     assert (report["gen_length"], report["steps"], report["block_length"]) == (64, 64, 32)
     assert report["answer_tokens_mean"] > 64
     for run in report["runs"]:
-        assert set(run["accuracy_per_task"]) == set(PASSAGE_TASKS) == set(run["token_accuracy_per_task"])
+        assert set(run["accuracy_per_task"]) == set(COUNT_TASKS) == set(run["token_accuracy_per_task"])
         assert 0 <= run["token_accuracy"] <= 1
+    # the block cache's grid: fixed steps and the threshold, SureLock off and on
+    cached = [r for r in report["runs"] if r["kv_cache"] == "dual"]
+    assert {(r["threshold"], r["eps"] is not None) for r in cached} == {(None, False), (None, True), (0.9, False),
+                                                                      (0.9, True)}
+    # fixed steps with the dual cache: a refresh per block, then the block's rows only
+    fixed = next(r for r in cached if r["threshold"] is None and r["eps"] is None)
+    assert fixed["rows_vs_baseline"] < 0.75 and fixed["steps"] == report["runs"][0]["steps"]
     table = (out / "eval.md").read_text()
-    assert "| reverse_words |" in table
-    assert "token acc." in table and "passages suite" in table
-    assert "| reverse_words | " in table.split("Per task")[1]  # the per-task table
+    assert "| count_hundreds |" in table and "dual cache" in table and "Fastest run within 1 point" in table
+    assert "token acc." in table and "count suite" in table
+    assert "| count_up | " in table.split("Per task")[1]  # the per-task table
+    assert (out / "accuracy_vs_speedup.png").exists()

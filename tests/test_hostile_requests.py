@@ -35,7 +35,7 @@ MAX_ROWS = 2048
 SETTINGS = ServerSettings.from_mapping({"max_gen_length": 512, "max_steps": 256})
 
 OPTION_KEYS = ["gen_length", "steps", "block_length", "remasking", "confidence_threshold",
-               "cfg_scale", "logits_eos_inf", "confidence_eos_eot_inf", *SURELOCK_KEYS]
+               "cfg_scale", "kv_cache", "logits_eos_inf", "confidence_eos_eot_inf", *SURELOCK_KEYS]
 HOSTILE_KEYS = ["_surelock_resolved", "_x", "gen_lenght", "", "steps ", "STEPS"]
 
 def hostile(int_bound: int):
@@ -46,7 +46,8 @@ def hostile(int_bound: int):
         st.booleans(),
         st.none(),
         st.text(max_size=6),
-        st.sampled_from(["low_confidence", "random", "true", "false", "1", "1e9", "paper", "after_unmask", "<="]),
+        st.sampled_from(["low_confidence", "random", "true", "false", "1", "1e9", "paper", "after_unmask", "<=",
+                         "prefix", "dual", "none"]),
         st.lists(st.integers(min_value=-3, max_value=3), max_size=3),
         st.dictionaries(st.text(max_size=3), st.integers(min_value=-9, max_value=9), max_size=2),
     )
@@ -184,12 +185,16 @@ def ref_model():
 
 
 def reference_tokens(ref_model, prompt_ids, resolved, mask_id, tokenizer):
+    from surelock_vllm.reference.block_cache import reference_generate_cached
     from surelock_vllm.reference.sampler import reference_generate
     from surelock_vllm.reference.surelock import reference_generate_surelock
 
     options = DiffusionOptions(**resolved["options"])
     lock = SureLockOptions(**resolved["surelock"])
     ids = dict(eos_id=tokenizer.eos_token_id, eot_id=tokenizer.convert_tokens_to_ids("<|eot_id|>"))
+    if options.kv_cache != "none":
+        return reference_generate_cached(ref_model, prompt_ids, options, mask_id, resolved["seed"], lock_options=lock,
+                                         **ids).tokens
     if lock.enabled:
         return reference_generate_surelock(ref_model, prompt_ids, options, lock, mask_id, resolved["seed"], **ids).tokens
     return reference_generate(ref_model, prompt_ids, options, mask_id, resolved["seed"], **ids)

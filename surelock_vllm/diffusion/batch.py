@@ -65,6 +65,7 @@ from typing import Callable
 
 import torch
 
+from surelock_vllm.diffusion.block_cache import KV_CACHE_CODE, policy_rows
 from surelock_vllm.diffusion.lock_rule import stepwise_kl
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.diffusion.random import request_seed
@@ -111,6 +112,7 @@ class SlotInfo:
     guided: bool  # classifier-free guidance: an unconditional canvas too
     ban_eos: bool  # logits_eos_inf
     hold_eos_eot: bool  # confidence_eos_eot_inf
+    cached: bool  # a block cache (kv_cache prefix or dual): some unlocked rows are frozen
     next_rows: int  # rows its next step computes (the scheduler's charge)
     blocks_done: int = 0
     stepped: bool = False  # has taken its first step (Z's rows all have a previous posterior)
@@ -141,6 +143,8 @@ class BatchPlan:
     seq_rows: list[int]  # rows computed per sequence (host)
     guided_rows: torch.Tensor  # [U] the sampled rows (indices < num_sampled) that are guided
     num_guided: int = 0  # U: the last U rows read are their unconditional rows
+    # [B, width] unlocked rows a block cache does not compute this step (None: no cached request)
+    frozen: torch.Tensor | None = None
 
     @property
     def num_unguided_reads(self) -> int:
@@ -240,6 +244,7 @@ class DiffusionBatch:
         self.cfg_scale = slots(torch.float64)  # classifier-free guidance, 0: none
         self.ban_eos = slots(torch.bool, False)  # logits_eos_inf
         self.hold_eos_eot = slots(torch.bool, False)  # confidence_eos_eot_inf
+        self.kv_cache = slots(torch.long)  # block cache policy (block_cache.KV_CACHE_CODE), 0: none
 
         self.info: dict[int, SlotInfo] = {}
         self._free = list(range(S - 1, -1, -1))
@@ -292,7 +297,7 @@ class DiffusionBatch:
             "after_unmask": lock is not None and lock.after_unmask,
             "inclusive": lock is not None and lock.inclusive,
             "cfg_scale": options.cfg_scale, "ban_eos": options.logits_eos_inf,
-            "hold_eos_eot": options.confidence_eos_eot_inf,
+            "hold_eos_eot": options.confidence_eos_eot_inf, "kv_cache": KV_CACHE_CODE[options.kv_cache],
         }
         for name, value in values.items():
             getattr(self, name)[slot] = value
@@ -303,6 +308,7 @@ class DiffusionBatch:
             adaptive=options.confidence_threshold is not None, surelock=lock is not None,
             gated=values["gated"], after_unmask=values["after_unmask"], guided=guided,
             ban_eos=options.logits_eos_inf, hold_eos_eot=options.confidence_eos_eot_inf,
+            cached=options.kv_cache != "none",
             next_rows=2 * canvas_len if guided else canvas_len,
         )
         return slot
@@ -318,26 +324,31 @@ class DiffusionBatch:
 
     # -- one step ------------------------------------------------------------------
     def plan(self, slots: list[int]) -> BatchPlan:
-        """The rows of one step for `slots` (computed: unlocked; read: block masks and Z)."""
-        width = max(self.info[s].canvas_len for s in slots)
+        """The rows of one step for `slots` (computed: unlocked, and not frozen by a block
+        cache; read: block masks and Z)."""
+        infos = [self.info[s] for s in slots]
+        width = max(i.canvas_len for i in infos)
         index = torch.tensor(slots, dtype=torch.long, device=self.device)
         pos = torch.arange(width, device=self.device)[None, :]
         valid = pos < self.canvas_len[index, None]
         masked = self.masked[index, :width]
         unlocked = valid & ~self.locked[index, :width]
+        computed, frozen = unlocked, None
+        if any(i.cached for i in infos):
+            computed = unlocked & self._policy_rows(index, pos)
+            frozen = unlocked & ~computed
         start = (self.prompt_len + self.block * self.block_length)[index, None]
         in_block = (pos >= start) & (pos < start + self.block_length[index, None])
         sampled = masked & in_block
         z = (
-            unlocked & ~masked & self.surelock[index, None]
+            computed & ~masked & self.surelock[index, None]
             & (self.lock_prompt[index, None] | (pos >= self.prompt_len[index, None]))
         )
-        query_b, query_pos = unlocked.nonzero(as_tuple=True)
-        flat_row = unlocked.flatten().cumsum(0).view(unlocked.shape) - 1
+        query_b, query_pos = computed.nonzero(as_tuple=True)
+        flat_row = computed.flatten().cumsum(0).view(computed.shape) - 1
         sampled_b, sampled_pos = sampled.nonzero(as_tuple=True)
         z_b, z_pos = z.nonzero(as_tuple=True)
         read_b, read_pos = torch.cat([sampled_b, z_b]), torch.cat([sampled_pos, z_pos])
-        infos = [self.info[s] for s in slots]
         num_query_rows = [i.next_rows for i in infos]
         plan = BatchPlan(
             slots=list(slots), slot_index=index, width=width,
@@ -346,11 +357,17 @@ class DiffusionBatch:
             num_sampled=int(sampled_b.shape[0]),
             query_ids=self.canvas[index[query_b], query_pos], query_seq=query_b,
             seq_b=list(range(len(slots))), seq_rows=list(num_query_rows),
-            guided_rows=sampled_b[:0],
+            guided_rows=sampled_b[:0], frozen=frozen,
         )
         if any(i.guided for i in infos):
             self._add_unconditional(plan, infos, valid, sampled)
         return plan
+
+    def _policy_rows(self, index: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """[B, width] rows the block cache computes at the slots' current step (block_cache.py)."""
+        start = (self.prompt_len + self.block * self.block_length)[index, None]
+        refresh = (self.step_in_block[index] == 0)[:, None]
+        return policy_rows(pos, start, self.block_length[index, None], refresh, self.kv_cache[index, None])
 
     def _add_unconditional(self, plan: BatchPlan, infos: list[SlotInfo], valid: torch.Tensor,
                            sampled: torch.Tensor) -> None:
@@ -504,8 +521,8 @@ class DiffusionBatch:
         to_hidden = ~has_prev if first_step else None
         kl = torch.full((num_z,), math.inf, device=self.device)
         max_logp = torch.empty((num_z,), device=self.device) if any_gated else None
-        carried = self._carried_rows(carry, self.prev_index, self._store_rows)
-        carried_hidden = self._carried_rows(carry, self.prev_hidden, self._hidden_rows)
+        carried = self._carried_rows(plan, carry, self.prev_index, self._store_rows)
+        carried_hidden = self._carried_rows(plan, carry, self.prev_hidden, self._hidden_rows)
         num_carried = 0 if carried is None else carried[0].shape[0]
         # Next step's store: carried rows, Z's rows that stay unlocked (up to the
         # budget `stored_rows`; the rest keep their hidden states), the rows
@@ -663,16 +680,26 @@ class DiffusionBatch:
             recomputed.index_add_(0, req[again], torch.ones_like(again))
         return before
 
-    def _carried_rows(self, carry: list[int], grid: torch.Tensor, stored: int):
-        """(slot, position, row) of what `grid` addresses for SureLock requests not in this step."""
-        if not carry or not stored:
+    def _carried_rows(self, plan: BatchPlan, carry: list[int], grid: torch.Tensor, stored: int):
+        """(slot, position, row) of what `grid` addresses and this step does not compute: all
+        rows of SureLock requests not in this step, and the rows a block cache froze in it
+        (their previous posterior is the one of the last step that computed them)."""
+        if not stored or (not carry and plan.frozen is None):
             return None
-        carry_index = torch.tensor(carry, dtype=torch.long, device=self.device)
-        old = grid[carry_index]
-        c_req, c_pos = (old >= 0).nonzero(as_tuple=True)
-        if not c_req.numel():
+        parts = []
+        if carry:
+            carry_index = torch.tensor(carry, dtype=torch.long, device=self.device)
+            old = grid[carry_index]
+            c_req, c_pos = (old >= 0).nonzero(as_tuple=True)
+            parts.append((carry_index[c_req], c_pos, old[c_req, c_pos]))
+        if plan.frozen is not None:
+            old = grid[plan.slot_index, : plan.width]
+            f_req, f_pos = ((old >= 0) & plan.frozen).nonzero(as_tuple=True)
+            parts.append((plan.slot_index[f_req], f_pos, old[f_req, f_pos]))
+        c_slot, c_pos, c_rows = (torch.cat(t) for t in zip(*parts))
+        if not c_slot.numel():
             return None
-        return carry_index[c_req], c_pos, old[c_req, c_pos]
+        return c_slot, c_pos, c_rows
 
     # -- the store of previous posteriors: two buffers, one read while the other is written
     def _store_buffer(self, rows: int, vocab: int) -> torch.Tensor:
@@ -704,12 +731,16 @@ class DiffusionBatch:
         width = plan.width
         valid = torch.arange(width, device=self.device)[None, :] < self.canvas_len[index, None]
         locked = self.locked[index, :width]
+        computed_next = valid & ~locked
+        if plan.frozen is not None:
+            # the rows the block cache lets the next step compute (its block and step, as advanced)
+            computed_next &= self._policy_rows(index, torch.arange(width, device=self.device)[None, :])
         max_block = max(i.block_length for i in infos)
         start = (self.prompt_len[index] + block_before * self.block_length[index])[:, None]
         cols = (start + torch.arange(max_block, device=self.device)[None, :]).clamp_max(self.max_canvas_len - 1)
         packed = torch.cat(
             [
-                (valid & ~locked).sum(1, keepdim=True),
+                computed_next.sum(1, keepdim=True),
                 locked.sum(1, keepdim=True),
                 # logit rows: the rows read, and previous posteriors recomputed
                 (torch.bincount(plan.read_b, minlength=len(plan.slots))

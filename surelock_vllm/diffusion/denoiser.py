@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from surelock_vllm.diffusion.block_cache import rows_for
 from surelock_vllm.diffusion.lock_rule import LockState
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
 from surelock_vllm.diffusion.random import request_seed
@@ -36,6 +37,7 @@ class StepPlan:
     # rows); None when those are all of them (no locking)
     sampled: torch.Tensor | None
     lock_candidates: torch.Tensor | None  # Z over the canvas, before unmasking
+    computed: torch.Tensor | None = None  # bool over the canvas: query_positions (with locking)
 
 
 class CanvasDenoiser:
@@ -75,7 +77,6 @@ class CanvasDenoiser:
         self.step_in_block = 0
         self.num_steps_done = 0
         self._schedule = transfer_schedule(options.block_length, options.steps_per_block)
-        self._all_rows = torch.arange(self.canvas_len)
         self._plan: StepPlan | None = None
         # Without locking there is no lock state at all: the no-lock path is
         # the plain LLaDA sampler, untouched.
@@ -106,21 +107,26 @@ class CanvasDenoiser:
             return self._plan
         start, end = self.block_bounds()
         block_masked = start + self.masked[start:end].nonzero().squeeze(-1)
+        # the rows a block cache computes (all without one; block_cache.py)
+        computed = rows_for(self.options.kv_cache, self.canvas_len, start, self.options.block_length,
+                            refresh=self.step_in_block == 0)
         if self.lock is None:
-            self._plan = StepPlan(self._all_rows, block_masked, None, None)
+            self._plan = StepPlan(computed.nonzero().squeeze(-1), block_masked, None, None)
             return self._plan
         # With locking: the unlocked rows run; logits are read for the
         # block's masked rows (to unmask) and the lock candidates Z (to test).
-        z = self.lock.candidates(self.masked)
+        computed &= ~self.lock.locked
+        z = self.lock.candidates(self.masked) & computed
         read = z.clone()
         read[block_masked] = True
         logit_positions = read.nonzero().squeeze(-1)
         self._plan = StepPlan(
-            query_positions=(~self.lock.locked).nonzero().squeeze(-1),
+            query_positions=computed.nonzero().squeeze(-1),
             logit_positions=logit_positions,
             # Z holds no masked row, so the masked rows read are the block's.
             sampled=self.masked[logit_positions],
             lock_candidates=z,
+            computed=computed,
         )
         return self._plan
 
@@ -161,7 +167,7 @@ class CanvasDenoiser:
         if self.lock is not None:
             z = plan.lock_candidates
             if self.lock.options.after_unmask:
-                z = self.lock.candidates(self.masked)  # Algorithm 1: this step's unmasked tokens too
+                z = self.lock.candidates(self.masked) & plan.computed  # Algorithm 1: this step's unmasked too
             self.lock.observe(plan.logit_positions, all_logits, z, self.num_steps_done)
         self.num_steps_done += 1
         self.step_in_block += 1

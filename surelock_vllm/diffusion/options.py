@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 REMASKING_CHOICES = ("low_confidence", "random")
+#: block caches (Fast-dLLM's): which rows a step computes besides the locks (block_cache.py)
+KV_CACHE_CHOICES = ("none", "prefix", "dual")
 
 #: Keys a request may set, with their meaning (used in docs and errors).
 OPTION_HELP = {
@@ -34,6 +36,11 @@ OPTION_HELP = {
     "cfg_scale": (
         "classifier-free guidance as in LLaDA's generate: logits = u + (cfg_scale + 1) (c - u), u from "
         "a second canvas with the prompt masked (twice the rows a step; not with SureLock); 0: off (default)"
+    ),
+    "kv_cache": (
+        "Fast-dLLM's block cache: none (default); prefix: after each block's first step, compute only the "
+        "block and what follows it, the prefix's K/V kept from that step; dual: compute only the block, "
+        "prefix and suffix K/V kept from the block's first step (not with cfg_scale)"
     ),
     "logits_eos_inf": (
         "LLaDA's logits_eos_inf: the end-of-text token's logit is -inf, so it is never predicted (default false)"
@@ -65,6 +72,7 @@ class DiffusionDefaults:
     block_length: int = 32
     remasking: str = "low_confidence"
     confidence_threshold: float | None = None
+    kv_cache: str = "none"
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> "DiffusionDefaults":
@@ -78,7 +86,8 @@ class DiffusionDefaults:
         threshold = _check_threshold("confidence_threshold", defaults.confidence_threshold)
         if threshold is not None and defaults.remasking == "random":
             raise InvalidDiffusionOption("confidence_threshold", _RANDOM_HAS_NO_CONFIDENCE)
-        return cls(defaults.block_length, defaults.remasking, threshold)
+        _check_kv_cache(defaults.kv_cache)
+        return cls(defaults.block_length, defaults.remasking, threshold, defaults.kv_cache)
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,8 @@ class DiffusionOptions:
     confidence_threshold: float | None = None
     # classifier-free guidance (LLaDA's cfg_scale): 0, off
     cfg_scale: float = 0.0
+    # Fast-dLLM's block cache (block_cache.py): none, prefix or dual
+    kv_cache: str = "none"
     # LLaDA's EOS options (Appendix B.4 of the LLaDA paper)
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
@@ -225,6 +236,12 @@ class DiffusionOptions:
             raise InvalidDiffusionOption(
                 "cfg_scale", f"must be a number in [0, {MAX_CFG_SCALE:g}] (0: no guidance), got {cfg_scale!r}"
             )
+        kv_cache = args.get("kv_cache", defaults.kv_cache)
+        _check_kv_cache(kv_cache)
+        if kv_cache != "none" and cfg_scale > 0:
+            raise InvalidDiffusionOption(
+                "kv_cache", f"kv_cache={kv_cache!r} is not combined with classifier-free guidance (cfg_scale="
+                f"{cfg_scale:g}): the unconditional canvas has no block cache; use kv_cache=none or cfg_scale=0")
         return cls(
             gen_length=gen_length,
             steps=steps,
@@ -233,6 +250,7 @@ class DiffusionOptions:
             temperature=float(temperature),
             confidence_threshold=threshold,
             cfg_scale=float(cfg_scale),
+            kv_cache=kv_cache,
             logits_eos_inf=_as_bool(args.get("logits_eos_inf", False), "logits_eos_inf"),
             confidence_eos_eot_inf=_as_bool(args.get("confidence_eos_eot_inf", False), "confidence_eos_eot_inf"),
         )
@@ -261,6 +279,11 @@ def _check_threshold(name: str, value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise InvalidDiffusionOption(name, f"must be a number in [0, 1] (0 or null: off), got {value!r}")
     return float(value) if value > 0 else None
+
+
+def _check_kv_cache(value: Any) -> None:
+    if value not in KV_CACHE_CHOICES:
+        raise InvalidDiffusionOption("kv_cache", f"{value!r} is not one of {list(KV_CACHE_CHOICES)}")
 
 
 def _check_remasking(value: Any) -> None:
