@@ -37,6 +37,7 @@ from wrong answers:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -50,15 +51,18 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "llada-tin
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """SureLock's eps (None: off) and the confidence threshold (None: LLaDA's fixed schedule)."""
+    """SureLock's eps (None: off), the confidence threshold (None: LLaDA's fixed schedule) and
+    the block cache (Fast-dLLM's: none, prefix or dual)."""
 
     eps: float | None = None
     threshold: float | None = None
+    kv_cache: str = "none"
 
     @property
     def label(self) -> str:
         lock = "no-lock" if self.eps is None else f"eps={self.eps:g}"
-        return lock if self.threshold is None else f"thr={self.threshold:g} {lock}"
+        label = lock if self.threshold is None else f"thr={self.threshold:g} {lock}"
+        return label if self.kv_cache == "none" else f"{self.kv_cache} {label}"
 
 
 @dataclass
@@ -113,6 +117,8 @@ def sampling_params(gen_length: int, block_length: int, config: BenchConfig):
     extra.update({"surelock": False} if eps is None else {"surelock": True, "surelock_eps": eps})
     if config.threshold is not None:
         extra["confidence_threshold"] = config.threshold
+    if config.kv_cache != "none":
+        extra["kv_cache"] = config.kv_cache
     return SamplingParams(max_tokens=gen_length, temperature=0.0, ignore_eos=True, extra_args=extra)
 
 
@@ -207,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thresholds", type=float, nargs="*", default=[],
                         help="also run confidence-threshold decoding at these thresholds, SureLock off and on")
     parser.add_argument("--threshold-eps", type=float, default=5e-3, help="SureLock's eps with --thresholds")
+    parser.add_argument("--kv-caches", nargs="*", choices=["prefix", "dual"], default=[],
+                        help="the policy axis: each block cache (Fast-dLLM's) with fixed steps and every "
+                             "--thresholds value, SureLock off and at --threshold-eps")
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--reference-requests", type=int, default=1)
@@ -230,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm.platforms import current_platform
 
     from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
+    from surelock_vllm.reference.block_cache import reference_generate_cached
     from surelock_vllm.reference.modeling import LLaDAReferenceLM
     from surelock_vllm.reference.sampler import reference_generate
     from surelock_vllm.reference.surelock import reference_generate_surelock
@@ -250,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     nolock_config, control = BenchConfig(), BenchConfig(eps=0.0)
     configs = [nolock_config, control, *(BenchConfig(eps=e) for e in args.eps)]
     configs += [BenchConfig(eps=e, threshold=t) for t in args.thresholds for e in (None, args.threshold_eps)]
+    configs += [BenchConfig(eps=e, threshold=t, kv_cache=k)
+                for k in args.kv_caches for t in (None, *args.thresholds) for e in (None, args.threshold_eps)]
     suite = trained_suite(args.model)
     report = {
         "command": "surelock-bench " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -317,18 +329,32 @@ def main(argv: list[str] | None = None) -> int:
             if control in results and results[control].tokens != nolock.tokens:
                 failures.append(f"gen {gen_length} batch {batch}: SureLock eps=0 differs from no-lock")
 
+            # Each run's first requests against the plain-torch implementation of the same
+            # algorithm, one request at a time (for a block cache: Fast-dLLM's, reference/
+            # block_cache.py), timed: `x alg. ref` is the engine's speed over it. These
+            # references run after the cell's engine runs, not interleaved with them.
+            same_algorithm_s: dict[BenchConfig, float] = {}
             for c in configs_here:
                 if c in (nolock_config, control):
                     continue
-                for i in range(min(args.check_requests, batch)):
-                    if c.eps is None:
+                checked = min(args.check_requests, batch)
+                t0 = time.perf_counter()
+                for i in range(checked):
+                    lock = SureLockOptions(enabled=c.eps is not None, eps=c.eps if c.eps is not None else 5e-3)
+                    if c.kv_cache != "none":
+                        cached_options = dataclasses.replace(diffusion_options(c.threshold), kv_cache=c.kv_cache)
+                        ref_tokens = reference_generate_cached(ref_model, prompts[i], cached_options, mask_id,
+                                                               lock_options=lock).tokens
+                    elif c.eps is None:
                         ref_tokens = reference_generate(ref_model, prompts[i], diffusion_options(c.threshold), mask_id)
                     else:
                         ref_tokens = reference_generate_surelock(
-                            ref_model, prompts[i], diffusion_options(c.threshold), SureLockOptions(enabled=True, eps=c.eps), mask_id
+                            ref_model, prompts[i], diffusion_options(c.threshold), lock, mask_id
                         ).tokens
                     if ref_tokens != results[c].tokens[i]:
                         failures.append(f"gen {gen_length} batch {batch} {c.label}: request {i} differs from the plain-torch reference")
+                if checked:
+                    same_algorithm_s[c] = (time.perf_counter() - t0) / checked
             failures += [f"gen {gen_length} batch {batch}: no-lock request {i} differs from the reference sampler"
                          for i in sorted(ref_mismatches)]
             ref_per_request = statistics.median(ref_per_request_by_repeat)
@@ -355,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
                     "peak_rss_mb": res.peak_rss_mb,
                     "speedup_vs_nolock": nolock.median_s / res.median_s,
                     "speedup_vs_reference": (ref_per_request * batch) / res.median_s,
+                    # against the same algorithm in plain torch, one request at a time
+                    "speedup_vs_same_algorithm_reference": (
+                        same_algorithm_s[c] * batch / res.median_s if c in same_algorithm_s else None),
                     # each repeat against the no-lock run and the reference timed in
                     # the same repeat (the eps=0 control runs in the first only)
                     "speedup_vs_nolock_by_repeat": [n / w for n, w in zip(nolock.wall_s, res.wall_s)],
@@ -421,7 +450,7 @@ def describe_device() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-COLUMNS = ("run", "exact match", "median s", "tok/s", "s/step", "x no-lock", "x ref", "steps", "FLOPs", "+LM head",
+COLUMNS = ("run", "exact match", "median s", "tok/s", "s/step", "x no-lock", "x ref", "x alg. ref", "steps", "FLOPs", "+LM head",
            "effic.", "dense", "attn", "rows", "agree", "peak MB")
 
 
@@ -438,11 +467,12 @@ def exact_match_cell(run: dict, trained: bool) -> str:
 def cell_rows(cell: dict, trained: bool = False) -> list[list[str]]:
     rows = [["reference", "", f"{cell['reference']['s_per_request'] * cell['batch']:.2f}",
              f"{cell['reference']['tokens_per_s']:.0f}", f"{cell['reference']['s_per_step'] * 1e3:.1f}ms",
-             "", "1.00", "1.000", "", "", "", "", "", "", "", f"{cell['reference']['peak_rss_mb']:.0f}"]]
+             "", "1.00", "", "1.000", "", "", "", "", "", "", "", f"{cell['reference']['peak_rss_mb']:.0f}"]]
     for label, r in cell["runs"].items():
         rows.append([
             label, exact_match_cell(r, trained), f"{r['median_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['s_per_step'] * 1e3:.1f}ms",
             f"{r['speedup_vs_nolock']:.2f}", f"{r['speedup_vs_reference']:.2f}",
+            "" if r.get("speedup_vs_same_algorithm_reference") is None else f"{r['speedup_vs_same_algorithm_reference']:.2f}",
             f"{r['steps'] / r['steps_fixed']:.3f}", f"{r['flops_ratio']:.3f}",
             f"{1 / r['flops_speedup']:.3f}", f"{r['efficiency']:.0%}", f"{r['dense_ratio']:.3f}", f"{r['attention_ratio']:.3f}", f"{r['rows_ratio']:.3f}",
             f"{r['token_agreement_with_nolock']:.0%}", f"{r['peak_rss_mb']:.0f}",
@@ -452,7 +482,7 @@ def cell_rows(cell: dict, trained: bool = False) -> list[list[str]]:
 
 def format_cell(cell: dict, trained: bool = False) -> str:
     lines = [f"\n== gen_length {cell['gen_length']}, batch {cell['batch']}, block {cell['block_length']} =="]
-    widths = [18, 13, 9, 7, 8, 10, 7, 7, 7, 9, 7, 7, 7, 7, 7, 8]
+    widths = [24, 13, 9, 7, 8, 10, 7, 11, 7, 7, 9, 7, 7, 7, 7, 7, 8]
     lines.append("".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(COLUMNS, widths))))
     for row in cell_rows(cell, trained):
         lines.append("".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(row, widths))))
@@ -488,7 +518,10 @@ def markdown_report(report: dict) -> str:
         "lock candidates Z for SureLock). `effic.` is the wall-clock speedup over no-lock divided by",
         "the speedup `+LM head` implies. `x ref` is throughput relative to the plain-torch reference",
         "sampler (LLaDA's loop, full canvas every step, batch 1), timed once per repeat after that",
-        "repeat's engine runs (median). `agree` is token agreement with",
+        "repeat's engine runs (median). `x alg. ref` is throughput relative to the same algorithm in",
+        "plain torch, batch 1, timed on the run's first requests after the cell's engine runs: for a",
+        "block cache (`prefix`, `dual`), Fast-dLLM's algorithm (reference/block_cache.py); with",
+        "SureLock, the plain-torch SureLock. `agree` is token agreement with",
         "no-lock. `peak MB` is the peak resident memory of the engine processes during the run,",
         "each run starting from a trimmed heap (of the benchmark process for the reference).",
         "`steps` is the steps taken over the fixed",

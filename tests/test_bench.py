@@ -18,7 +18,7 @@ def test_benchmark_cell_with_thresholds_passes_its_correctness_gate(tmp_path, mo
     out = tmp_path / "bench"
     # exit 0: eps=0 == no-lock, every run == its plain-torch reference (threshold runs included)
     assert bench.main(["--model", str(CHECKPOINT), "--gen-lengths", "32", "--batch-sizes", "2", "--eps", "5e-3",
-                       "--thresholds", "0.6", "--threshold-eps", "5e-3", "--block-length", "16",
+                       "--thresholds", "0.6", "--threshold-eps", "5e-3", "--block-length", "16", "--kv-caches", "dual",
                        "--repeats", "2", "--out-dir", str(out), "--no-plots"]) == 0
     cell = json.loads((out / "bench.json").read_text())["cells"][0]
     # the reference is timed once per repeat, side by side with the engine's runs; its time is their median
@@ -27,7 +27,13 @@ def test_benchmark_cell_with_thresholds_passes_its_correctness_gate(tmp_path, mo
     assert cell["reference"]["s_per_request"] == pytest.approx(sum(by_repeat) / 2)
     assert all(len(run["wall_s"]) == (1 if label == "eps=0" else 2) for label, run in cell["runs"].items())
     runs = cell["runs"]
-    assert list(runs) == ["no-lock", "eps=0", "eps=0.005", "thr=0.6 no-lock", "thr=0.6 eps=0.005"]
+    dual = ["dual no-lock", "dual eps=0.005", "dual thr=0.6 no-lock", "dual thr=0.6 eps=0.005"]
+    assert list(runs) == ["no-lock", "eps=0", "eps=0.005", "thr=0.6 no-lock", "thr=0.6 eps=0.005", *dual]
+    # the policy axis: the dual cache computes a refresh per block, then only the block's rows,
+    # and passed the gate against plain-torch Fast-dLLM (exit 0), timed against it
+    assert runs["dual no-lock"]["rows"] < 0.8 * runs["no-lock"]["rows"]
+    assert runs["dual eps=0.005"]["rows"] <= runs["dual no-lock"]["rows"]
+    assert all(runs[label]["speedup_vs_same_algorithm_reference"] > 0 for label in dual)
     assert runs["no-lock"]["steps"] == runs["no-lock"]["steps_fixed"] == 2 * 32
     for label in ("thr=0.6 no-lock", "thr=0.6 eps=0.005"):
         assert runs[label]["steps"] < runs[label]["steps_fixed"]  # fewer steps than the fixed schedule
@@ -42,7 +48,7 @@ def test_benchmark_cell_with_thresholds_passes_its_correctness_gate(tmp_path, mo
         [ref * 2 / w for ref, w in zip(by_repeat, lock["wall_s"])])
     assert len(runs["eps=0"]["speedup_vs_nolock_by_repeat"]) == 1
     table = (out / "bench.md").read_text()
-    assert "| thr=0.6 eps=0.005 |" in table and "| steps |" in table
+    assert "| thr=0.6 eps=0.005 |" in table and "| steps |" in table and "| dual thr=0.6 eps=0.005 |" in table
     paired = " ".join(f"{x:.2f}" for x in lock["speedup_vs_nolock_by_repeat"])
     assert f"- eps=0.005: {paired};" in table
     # random weights: no task to be right on, and the table says so rather than leaving it out
