@@ -99,7 +99,7 @@ def test_a_request_without_temperature_is_greedy(server):
 def test_stream_equals_non_stream_equals_offline(server, tokenizer):
     body = {"prompt": "Write a story about a lock", "max_tokens": 64, "temperature": 0.8, "seed": 1234,
             "ignore_eos": True, "return_token_ids": True,
-            "vllm_xargs": {"steps": 32, "block_length": 16, "surelock_eps": 0.01}}
+            "vllm_xargs": {"steps": 32, "block_length": 16, "surelock_eps": 0.01, "kv_cache": "prefix"}}
     whole = post(server, "/v1/completions", body).json()["choices"][0]
     chunks = stream_chunks(server, "/v1/completions", body)
     streamed_ids = [t for c in chunks for t in (c["choices"][0].get("token_ids") or [])]
@@ -124,7 +124,7 @@ def test_stream_equals_non_stream_equals_offline(server, tokenizer):
         out = llm.generate(
             ["Write a story about a lock"],
             SamplingParams(max_tokens=64, temperature=0.8, seed=1234, ignore_eos=True,
-                           extra_args={"steps": 32, "block_length": 16, "surelock_eps": 0.01}),
+                           extra_args={"steps": 32, "block_length": 16, "surelock_eps": 0.01, "kv_cache": "prefix"}),
             use_tqdm=False,
         )[0]
         assert list(out.outputs[0].token_ids) == whole["token_ids"]
@@ -185,6 +185,8 @@ BAD_REQUESTS = [
     ({"logprobs": 2}, "logprobs"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"min_tokens": 4}, "min_tokens"),
+    ({"vllm_xargs": {"kv_cache": "triple"}}, "kv_cache"),
+    ({"vllm_xargs": {"kv_cache": "dual", "cfg_scale": 1.0}}, "kv_cache"),
     ({"vllm_xargs": {"gen_length": 1100}}, "gen_length"),  # canvas beyond the context
     ({"prompt": "x" * 1100}, None),  # prompt longer than the context
 ]

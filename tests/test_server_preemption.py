@@ -15,6 +15,7 @@ import torch
 
 from conftest import CHECKPOINT, RemoteServer
 from surelock_vllm.diffusion.options import DiffusionOptions, SureLockOptions
+from surelock_vllm.reference.block_cache import reference_generate_cached
 from surelock_vllm.reference.modeling import LLaDAReferenceLM
 from surelock_vllm.reference.sampler import reference_generate
 from surelock_vllm.reference.surelock import reference_generate_surelock
@@ -51,8 +52,9 @@ def _stream(server, body, first_block: threading.Event):
 
 def test_higher_priority_request_preempts_and_all_answers_are_right(server, tokenizer, mask_id):
     lock_xargs = {"steps": LOW_GEN, "block_length": 32, "surelock_eps": 5e-3}
-    # the second one also decodes by confidence threshold (its blocks end at data-dependent steps)
-    low_xargs = [lock_xargs, {**lock_xargs, "confidence_threshold": 0.7}]
+    # the second one also decodes by confidence threshold (its blocks end at data-dependent steps),
+    # with the dual block cache (restarted, it refreshes again)
+    low_xargs = [lock_xargs, {**lock_xargs, "confidence_threshold": 0.7, "kv_cache": "dual"}]
     low = [dict(model=str(CHECKPOINT), prompt=f"Low priority story number {i}", max_tokens=LOW_GEN, temperature=0.0,
                 ignore_eos=True, priority=10, return_token_ids=True, vllm_xargs=low_xargs[i]) for i in range(2)]
     high = dict(model=str(CHECKPOINT), prompt="Urgent!", max_tokens=HIGH_GEN, temperature=0.0, ignore_eos=True,
@@ -77,7 +79,11 @@ def test_higher_priority_request_preempts_and_all_answers_are_right(server, toke
     for (prompt_ids, ids, text), xargs in zip(low_results, low_xargs):
         options = {k: v for k, v in xargs.items() if not k.startswith("surelock")}
         low_options = DiffusionOptions.resolve(options, max_tokens=LOW_GEN, temperature=0.0)
-        want = reference_generate_surelock(model, prompt_ids, low_options, SureLockOptions(enabled=True, eps=5e-3), mask_id).tokens
+        lock = SureLockOptions(enabled=True, eps=5e-3)
+        if low_options.kv_cache != "none":
+            want = reference_generate_cached(model, prompt_ids, low_options, mask_id, lock_options=lock).tokens
+        else:
+            want = reference_generate_surelock(model, prompt_ids, low_options, lock, mask_id).tokens
         assert ids == want  # the whole answer, every token once, in order
     got = high_resp.json()["choices"][0]
     high_options = DiffusionOptions.resolve({"steps": HIGH_GEN, "block_length": 32}, max_tokens=HIGH_GEN, temperature=0.0)
