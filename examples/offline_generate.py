@@ -30,8 +30,9 @@ DEFAULT_MODEL = CHECKPOINTS / "llada-small"
 QUESTIONS = {
     "short": ["What is 58 + 67?", "Reverse: vllm", "Sort: 7 1 8 2 3",
               "Uppercase: river stone light", "Repeat ab 4 times.", "k=moon, q=fire, z=lake. What is q?"],
-    "count": ["Count from 23 to 71.", "Count down from 95 to 40.", "Count from 14 to 90 by 2.",
-              "Count from 385 to 421."],
+    # held-out problems (never in training), one per task
+    "count": ["Count 50 numbers up from 328.", "Count 50 numbers down from 981.",
+              "Count 40 numbers by two from 821.", "Count 45 numbers by five from 603."],
 }
 CANVAS = {"short": (32, 8), "count": (256, 32)}  # (gen_length, block_length) of the training responses
 

@@ -107,7 +107,7 @@ def test_long_suite_evaluation_reports_tasks_token_accuracy_and_the_cache_grid(t
     fixed = next(r for r in cached if r["threshold"] is None and r["eps"] is None)
     assert fixed["rows_vs_baseline"] < 0.75 and fixed["steps"] == report["runs"][0]["steps"]
     table = (out / "eval.md").read_text()
-    assert "| count_hundreds |" in table and "dual cache" in table and "Fastest run within 1 point" in table
+    assert "| by_five |" in table and "dual cache" in table and "Fastest run within 1 point" in table
     assert "token acc." in table and "count suite" in table
-    assert "| count_up | " in table.split("Per task")[1]  # the per-task table
+    assert "| up | " in table.split("Per task")[1]  # the per-task table
     assert (out / "accuracy_vs_speedup.png").exists()

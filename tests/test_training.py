@@ -101,14 +101,14 @@ def test_training_smoke_run_writes_a_loadable_checkpoint(tmp_path):
 # --- the long suites: count (checkpoints/llada-long) and passages --------------------------
 
 
-@pytest.mark.parametrize("suite", ["count", "passages"])
+@pytest.mark.parametrize("suite", ["count", "count_ranges", "passages"])
 def test_long_suite_answers_are_long_checkable_and_fit_a_256_canvas(suite):
     from surelock_vllm.tasks import PASSAGE_MAX_BYTES, PASSAGE_MIN_BYTES, SUITES
 
     heldout = heldout_problems(suite=suite)
     assert heldout == heldout_problems(suite=suite) and {p.task for p in heldout} == set(SUITES[suite])
     # its own seed: not another suite's problems under other names
-    for other in set(SUITES) - {suite}:
+    for other in set(SUITES) - {suite, "count_ranges"} - ({"count"} if suite == "count_ranges" else set()):
         assert not {p.prompt for p in heldout} & {p.prompt for p in heldout_problems(suite=other)}
     lengths = [len(p.answer.encode()) for p in heldout]
     assert PASSAGE_MIN_BYTES <= min(lengths) and max(lengths) <= PASSAGE_MAX_BYTES
@@ -120,11 +120,27 @@ def test_long_suite_answers_are_long_checkable_and_fit_a_256_canvas(suite):
         assert len(response) == 256 and encoder.tokenizer.decode(response[: response.index(encoder.eot)]) == p.answer
 
 
-def test_count_answers_step_from_the_first_number_to_the_last():
+def test_count_answers_count_the_stated_numbers_from_the_start():
+    rng = random.Random(5)
+    steps = {"up": 1, "down": -1, "by_two": 2, "by_five": 5}
+    for task, step in steps.items():
+        lengths = set()
+        for _ in range(200):
+            p = make_problem(rng, task, suite="count")
+            count, start = (int(n) for n in re.findall(r"\d+", p.prompt))  # "Count N numbers ... from S."
+            numbers = [int(n) for n in p.answer.split(" ")]
+            assert numbers == [start + step * i for i in range(count)]
+            assert " ".join(map(str, numbers)) == p.answer  # single spaces, no stray text
+            assert all(100 <= n <= 999 for n in numbers)  # 3 digits throughout: 4 bytes a number
+            lengths.add(len(p.answer))
+        assert lengths == {4 * count - 1}  # one answer length per task
+
+
+def test_count_range_answers_step_from_the_first_number_to_the_last():
     rng = random.Random(5)
     for task in ("count_up", "count_down", "count_by_two", "count_hundreds"):
         for _ in range(100):
-            p = make_problem(rng, task, suite="count")
+            p = make_problem(rng, task, suite="count_ranges")
             first, last = (int(n) for n in re.findall(r"\d+", p.prompt)[:2])  # "from A to B (by 2)"
             numbers = [int(n) for n in p.answer.split(" ")]
             step = {"count_down": -1, "count_by_two": 2}.get(task, 1)
@@ -189,6 +205,14 @@ def test_a_stopped_and_resumed_run_gives_the_uninterrupted_weights(tmp_path):
         assert torch.equal(value, b["model"][name]), name
     assert [e["loss"] for e in a["log"]] == [e["loss"] for e in b["log"]]
     assert (whole / "model.safetensors").read_bytes() == (split / "model.safetensors").read_bytes()
+    # a stage that runs part of the schedule (--stop-at), run twice (the second has nothing
+    # left to do), then resumed to the end: the same weights again
+    staged = tmp_path / "staged"
+    for _ in range(2):
+        train_small.main([str(staged), *args, "--resume", "--stop-at", "3"])
+        assert torch.load(staged / train_small.STATE_FILE, weights_only=False)["step"] == 3
+    train_small.main([str(staged), *args, "--resume"])
+    assert (whole / "model.safetensors").read_bytes() == (staged / "model.safetensors").read_bytes()
     # resuming another run's state is refused, naming the flag
     with pytest.raises(SystemExit, match="--resume"):
         train_small.main([str(split), *args[:-3], "--save-every", "3", "--cpu", "--resume", "--lr", "1e-4"])

@@ -70,8 +70,8 @@ MASK_EPS = 1e-3  # LLaDA's floor on the masking probability
 # after the curriculum's first phase: tasks that need more than copying come up twice as often
 TASK_WEIGHTS = {"short": {"add": 2.0, "sort": 2.0, "reverse": 2.0},
                 "passages": {"chain": 2.0, "reverse_words": 1.5, "caesar": 1.5},
-                "count": {"count_hundreds": 1.5, "count_down": 1.5}}
-FIRST_TASKS = {"short": ["upper"], "passages": ["copy"], "count": ["count_up"]}
+                "count_ranges": {"count_hundreds": 1.5, "count_down": 1.5}, "count": {}}
+FIRST_TASKS = {"short": ["upper"], "passages": ["copy"], "count_ranges": ["count_up"], "count": ["up"]}
 STATE_FILE = "train_state.pt"  # what --resume continues from (fp32 weights, optimizer, random streams)
 
 
@@ -236,7 +236,8 @@ def train(args) -> Path:
                 next(source)
         print(f"resumed {state_path} at step {first_step}")
     start = time.perf_counter() - elapsed_before
-    bar = tqdm(range(first_step, args.steps), desc="train", unit="step", initial=first_step, total=args.steps)
+    last = min(args.steps, args.stop_at) if args.stop_at else args.steps
+    bar = tqdm(range(first_step, last), desc="train", unit="step", initial=first_step, total=args.steps)
     for step in bar:
         source = first_stream if step < args.first_steps else stream
         examples = [(encoder.prompt_ids(p), encoder.response_ids(p)) for p in (next(source) for _ in range(args.batch_size))]
@@ -261,7 +262,10 @@ def train(args) -> Path:
             _save_state(state_path, model, opt, generator, step + 1, log, time.perf_counter() - start, args)
             print(f"stopped after {args.stop_after} steps at step {step + 1}; continue with --resume")
             return _save(model, args, log, earlier_log)
-    _save_state(state_path, model, opt, generator, args.steps, log, time.perf_counter() - start, args)
+    if first_step < last or last == args.steps:
+        _save_state(state_path, model, opt, generator, last, log, time.perf_counter() - start, args)
+    if last < args.steps:
+        print(f"stopped at step {last} of {args.steps} (--stop-at)")
     return _save(model, args, log, earlier_log)
 
 
@@ -273,9 +277,9 @@ def _run_defining_args(args) -> list[str]:
             skip = False
         elif a == "--resume":
             continue
-        elif a == "--stop-after":
+        elif a in ("--stop-after", "--stop-at"):
             skip = True
-        elif not a.startswith("--stop-after="):
+        elif not a.startswith(("--stop-after=", "--stop-at=")):
             out.append(a)
     return out
 
@@ -363,6 +367,9 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"continue from OUT/{STATE_FILE} (written every --save-every steps) if it exists")
     parser.add_argument("--stop-after", type=int, default=0,
                         help="stop after this many steps of this invocation, saving the state for --resume")
+    parser.add_argument("--stop-at", type=int, default=0,
+                        help="stop at this step of the --steps schedule (a stage that runs part of a longer "
+                             "schedule), state saved; resumed there, only the weights are written again")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even where CUDA is present")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint's weights (same --preset) instead of a fresh init")
