@@ -234,9 +234,29 @@ COUNT_TASKS = {
 }
 
 
+def _counted_few(task: str, how: str, step: int):
+    """Training only: 2-9 numbers, so that most of the answer is its start, read from the prompt."""
+    def generate(rng: random.Random) -> Problem:
+        return _counted(task, how, rng.randint(2, 9), step)(rng)
+    return generate
+
+
+# `count_train`: the count suite and short counts of each kind, a training mix (its
+# held-out set is the count suite's: EVALUATED_AS)
+COUNT_TRAIN_TASKS = {
+    **COUNT_TASKS,
+    **{f"{name}_few": _counted_few(f"{name}_few", how, step)
+       for name, how, step in (("up", "up", 1), ("down", "down", -1), ("by_two", "by two", 2),
+                               ("by_five", "by five", 5))},
+}
+
+
 PASSAGE_TASKS = {"copy": _copy, "copy_letters": _copy_letters, "upcase": _upcase, "caesar": _caesar, "dashes": _dashes, "replace": _replace,
               "reverse_words": _reverse_words, "chain": _chain}
-SUITES = {"short": TASKS, "count": COUNT_TASKS, "count_ranges": COUNT_RANGE_TASKS, "passages": PASSAGE_TASKS}
+SUITES = {"short": TASKS, "count": COUNT_TASKS, "count_ranges": COUNT_RANGE_TASKS, "count_train": COUNT_TRAIN_TASKS,
+          "passages": PASSAGE_TASKS}
+# a training suite whose held-out set (and so its stream's exclusions) is another suite's
+EVALUATED_AS = {"count_train": "count"}
 HELDOUT_SEEDS = {"short": EVAL_SEED, "count": COUNT_EVAL_SEED, "count_ranges": COUNT_EVAL_SEED,
                  "passages": PASSAGES_EVAL_SEED}
 
@@ -262,6 +282,7 @@ def make_problem(rng: random.Random, task: str | None = None, suite: str = "shor
 
 def heldout_problems(per_task: int = HELDOUT_PER_TASK, seed: int | None = None, suite: str = "short") -> list[Problem]:
     """`per_task` distinct problems of every task of `suite`, its evaluation set (its own seed)."""
+    suite = EVALUATED_AS.get(suite, suite)
     rng = random.Random(HELDOUT_SEEDS[suite] if seed is None else seed)
     problems: list[Problem] = []
     for task in sorted(_suite(suite)):

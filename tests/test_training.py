@@ -103,12 +103,12 @@ def test_training_smoke_run_writes_a_loadable_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("suite", ["count", "count_ranges", "passages"])
 def test_long_suite_answers_are_long_checkable_and_fit_a_256_canvas(suite):
-    from surelock_vllm.tasks import PASSAGE_MAX_BYTES, PASSAGE_MIN_BYTES, SUITES
+    from surelock_vllm.tasks import EVALUATED_AS, PASSAGE_MAX_BYTES, PASSAGE_MIN_BYTES, SUITES
 
     heldout = heldout_problems(suite=suite)
     assert heldout == heldout_problems(suite=suite) and {p.task for p in heldout} == set(SUITES[suite])
     # its own seed: not another suite's problems under other names
-    for other in set(SUITES) - {suite, "count_ranges"} - ({"count"} if suite == "count_ranges" else set()):
+    for other in {name for name in SUITES if EVALUATED_AS.get(name, name) != suite}:
         assert not {p.prompt for p in heldout} & {p.prompt for p in heldout_problems(suite=other)}
     lengths = [len(p.answer.encode()) for p in heldout]
     assert PASSAGE_MIN_BYTES <= min(lengths) and max(lengths) <= PASSAGE_MAX_BYTES
@@ -134,6 +134,19 @@ def test_count_answers_count_the_stated_numbers_from_the_start():
             assert all(100 <= n <= 999 for n in numbers)  # 3 digits throughout: 4 bytes a number
             lengths.add(len(p.answer))
         assert lengths == {4 * count - 1}  # one answer length per task
+
+
+def test_count_training_mix_is_evaluated_on_the_count_suite():
+    # count_train adds short counts (training only); its held-out set is the count suite's,
+    # so its stream never yields one of those prompts
+    heldout = heldout_problems(suite="count")
+    assert heldout_problems(suite="count_train") == heldout
+    stream = training_stream(seed=0, exclude={p.prompt for p in heldout}, suite="count_train")
+    drawn = [next(stream) for _ in range(2000)]
+    assert not {p.prompt for p in heldout} & {p.prompt for p in drawn}
+    few = [p for p in drawn if p.task.endswith("_few")]
+    assert few and all(2 <= len(p.answer.split()) <= 9 for p in few)
+    assert {p.task for p in drawn} - {p.task for p in few} == {p.task for p in heldout}
 
 
 def test_count_range_answers_step_from_the_first_number_to_the_last():

@@ -70,8 +70,10 @@ MASK_EPS = 1e-3  # LLaDA's floor on the masking probability
 # after the curriculum's first phase: tasks that need more than copying come up twice as often
 TASK_WEIGHTS = {"short": {"add": 2.0, "sort": 2.0, "reverse": 2.0},
                 "passages": {"chain": 2.0, "reverse_words": 1.5, "caesar": 1.5},
-                "count_ranges": {"count_hundreds": 1.5, "count_down": 1.5}, "count": {}}
-FIRST_TASKS = {"short": ["upper"], "passages": ["copy"], "count_ranges": ["count_up"], "count": ["up"]}
+                "count_ranges": {"count_hundreds": 1.5, "count_down": 1.5}, "count": {},
+                "count_train": {f"{name}_few": 0.5 for name in ("up", "down", "by_two", "by_five")}}
+FIRST_TASKS = {"short": ["upper"], "passages": ["copy"], "count_ranges": ["count_up"], "count": ["up"],
+               "count_train": ["up"]}
 STATE_FILE = "train_state.pt"  # what --resume continues from (fp32 weights, optimizer, random streams)
 
 
