@@ -80,22 +80,29 @@ train: setup
 	$(VENV)/bin/surelock-train checkpoints/llada-small --init-from out/llada-small-stage2 $(TRAIN_STAGE3)
 
 # train the long-answer model (checkpoints/llada-long; answers of 159-199 tokens in
-# a 256-token canvas) in two stages, continuing from the shipped short-answer
-# model's weights, about 75 min on 2 CPU cores:
+# a 256-token canvas) in stages, continuing from the shipped short-answer model's
+# weights, about 1 h 50 min on 2 CPU cores; not yet a recipe that reaches the
+# issue's bar, so no llada-long ships (docs/long-answers.md):
 #  1. 2,500 steps (of a 4,000-step schedule) of counting from one number to another
 #     (the count_ranges suite): the model learns to count, not where to stop;
 #  2. 1,500 steps of the count suite (a stated count of 3-digit numbers: the end of
-#     turn at a fixed place), from stage 1's weights.
+#     turn at a fixed place): lengths right, the first number (copied from the
+#     prompt) never;
+#  3. 2,000 steps of count_train (the count suite plus short counts, whose answers
+#     are mostly the copied start).
 # Resumable: stopped, the same command continues each stage from its last saved
 # state (every 100 steps) to the same weights. The passages suite (long copies)
-# is not learned by any recipe tried (docs/long-answers.md).
+# is not learned by any recipe tried.
 TRAIN_LONG1 := --init-from checkpoints/llada-small --suite count_ranges --response-length 256 --batch-size 16 \
 	--steps 4000 --stop-at 2500 --first-steps 200 --eval-every 250 --save-every 100 --resume
 TRAIN_LONG2 := --init-from out/llada-long-stage1 --suite count --response-length 256 --batch-size 16 \
 	--steps 1500 --first-steps 0 --lr 7e-4 --warmup 50 --eval-every 250 --save-every 100 --resume
+TRAIN_LONG3 := --init-from out/llada-long-stage2 --suite count_train --response-length 256 --batch-size 16 \
+	--steps 2000 --first-steps 0 --lr 5e-4 --warmup 50 --eval-every 250 --save-every 100 --resume
 train-long: setup
 	$(VENV)/bin/surelock-train out/llada-long-stage1 $(TRAIN_LONG1)
-	$(VENV)/bin/surelock-train checkpoints/llada-long $(TRAIN_LONG2)
+	$(VENV)/bin/surelock-train out/llada-long-stage2 $(TRAIN_LONG2)
+	$(VENV)/bin/surelock-train checkpoints/llada-long $(TRAIN_LONG3)
 
 # plain-torch tests only (no engine start)
 test-fast: setup
