@@ -6,7 +6,7 @@ requests: its canvas, which positions are masked and locked, where its block
 is, its options and seed. A step for any set of slots is a fixed sequence of
 tensor operations over all of them, with no loop over requests:
 
-  plan:   rows to compute (unlocked), rows to read (the block's masked rows,
+  plan:   rows to compute (unlocked, and not frozen by a block cache), rows to read (the block's masked rows,
           and with SureLock the lock candidates Z), laid out flat;
   step:   given the final hidden states of the rows read and the LM head:
           x0 and confidence of the block's rows (sampling.py),
@@ -41,6 +41,15 @@ the rows of Z that stay unlocked, and Z's logits are computed a chunk at a
 time inside the test and never exist whole.
 The decisions are those of `lock_rule.LockState`, which keeps every row's
 last posterior: the two differ only in rows it never reads again.
+
+Block caches (`kv_cache`, block_cache.py). A request with a prefix or dual
+cache computes only the rows its policy allows at this step (all unlocked rows
+at a block's first step), and Z is taken from the computed rows. A row the
+cache leaves out (`BatchPlan.frozen`) keeps its store or hidden-state record,
+carried like the rows of requests that sit a step out, so when the next
+refresh computes it again it is tested against the posterior of the last step
+that computed it (the previous refresh). `next_rows` counts what the policy
+will compute at the request's next step.
 
 Row order. The rows read are laid out as all requests' masked block rows,
 then all requests' Z rows, then the unconditional rows of guided requests
