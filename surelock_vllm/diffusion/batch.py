@@ -6,8 +6,9 @@ requests: its canvas, which positions are masked and locked, where its block
 is, its options and seed. A step for any set of slots is a fixed sequence of
 tensor operations over all of them, with no loop over requests:
 
-  plan:   rows to compute (unlocked, and not frozen by a block cache), rows to read (the block's masked rows,
-          and with SureLock the lock candidates Z), laid out flat;
+  plan:   rows to compute (unlocked, and not frozen by a block cache), rows
+          to read (the block's masked rows, and with SureLock the lock
+          candidates Z), laid out flat;
   step:   given the final hidden states of the rows read and the LM head:
           x0 and confidence of the block's rows (sampling.py),
           the top-k transfer per request (k from LLaDA's schedule, or from
