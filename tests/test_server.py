@@ -233,8 +233,8 @@ def test_disconnect_mid_stream_frees_kv_blocks(server):
 def test_surelock_metrics_on_metrics_endpoint(server):
     before = server.metrics()
     resp = post(server, "/v1/completions", {"prompt": "Count", "max_tokens": 64, "ignore_eos": True,
-                                            "vllm_xargs": {"steps": 64, "block_length": 64, "surelock_eps": 0.05,
-                                                           "confidence_threshold": 0.65}})
+                                            "vllm_xargs": {"steps": 64, "block_length": 16, "surelock_eps": 0.05,
+                                                           "confidence_threshold": 0.65, "kv_cache": "dual"}})
     stats = resp.json()["kv_transfer_params"]["surelock"]
     after = server.metrics()
     assert after["surelock_requests_total"] == before.get("surelock_requests_total", 0) + 1
@@ -244,6 +244,8 @@ def test_surelock_metrics_on_metrics_endpoint(server):
     assert after["surelock_steps_fixed_total"] - before.get("surelock_steps_fixed_total", 0) == 64
     assert after["surelock_rows_computed_total"] - before.get("surelock_rows_computed_total", 0) == stats["rows"]
     assert after["surelock_rows_nolock_total"] - before.get("surelock_rows_nolock_total", 0) == stats["rows_nolock"]
+    # the dual block cache's frozen rows are not counted as computed
+    assert stats["rows"] < stats["rows_nolock"]
     saved = stats["dense_flops_nolock"] + stats["attention_flops_nolock"] - stats["dense_flops"] - stats["attention_flops"]
     assert after["surelock_flops_saved_total"] - before.get("surelock_flops_saved_total", 0) == pytest.approx(saved)
     assert 0 < after["surelock_locked_row_fraction"] < 1
