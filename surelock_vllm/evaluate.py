@@ -457,9 +457,8 @@ def plot_grid(report: dict, out: Path, plt) -> Path:
                         (r["speedup"], r["accuracy"] * 100), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axvline(3.0, color="tab:red", lw=0.8, ls=":")
     _label(ax, "wall-clock speedup vs fixed-step no-lock", "exact match (%)",
-           "Threshold decoding x SureLock" + (" x block cache" if any(r.get("kv_cache", "none") != "none"
-                                                                       for r in grid) else "")
-           + " (labels: threshold)")
+           ("Threshold x SureLock x block cache" if any(r.get("kv_cache", "none") != "none" for r in grid)
+            else "Threshold decoding x SureLock") + " (labels: threshold)")
     return save_figure(fig, out / "accuracy_vs_speedup.png")
 
 
